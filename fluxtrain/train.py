@@ -1,0 +1,275 @@
+"""The training loop: LoRA on a frozen Flux, rectified flow, guidance fed 1.0.
+
+`compute_loss` is the step's arithmetic; `train` is the loop around it (sample,
+forward, loss, backward, step, log, checkpoint). The ComfyUI node, the headless
+command and the benchmark all run this same code.
+
+Every random draw of step N (noise, timesteps, caption dropout, LoRA dropout)
+comes from generators seeded with (seed, N). A resumed run therefore needs no
+saved RNG state to continue exactly where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from . import __version__
+from .dataset import BucketBatchSampler, EncodedDataset, collate
+from .flux import Flux, pack_latents, text_ids
+from .lora import LoRAConfig, attach_lora, load_lora_state_dict, lora_state_dict, save_lora_file
+from .state import TrainingState, load_latest_state, save_state
+from .timesteps import sample_timesteps
+
+OPTIMIZERS = ("adamw", "adafactor")
+SCHEDULES = ("constant", "cosine")
+LOSSES = ("mse", "huber")
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1000
+    learning_rate: float = 1e-4
+    batch_size: int = 1
+    grad_accum: int = 1
+    optimizer: str = "adamw"
+    weight_decay: float = 0.0
+    lr_schedule: str = "constant"
+    warmup_steps: int = 0
+    max_grad_norm: float = 1.0            # 0 turns clipping off
+    rank: int = 16
+    alpha: float = 16.0
+    dropout: float = 0.0
+    targets: str = "all"
+    # Dev2Pro undid dev's guidance distillation by training with guidance 1.0;
+    # a LoRA trained on it must see the same 1.0 or it learns around a shifted embedding.
+    guidance: float = 1.0
+    timestep_sampling: str = "shift"
+    shift: float = 3.1582
+    loss: str = "mse"
+    huber_delta: float = 1.0
+    caption_dropout: float = 0.0
+    seed: int = 0
+    checkpoint_every: int = 250           # steps between resumable checkpoints; 0 = only at the end
+    gradient_checkpointing: bool = True
+    compute_dtype: str = "bfloat16"
+
+    def __post_init__(self):
+        _require(self.steps >= 1, f"steps must be at least 1, got {self.steps}")
+        _require(self.learning_rate > 0, f"learning_rate must be positive, got {self.learning_rate}")
+        _require(self.batch_size >= 1 and self.grad_accum >= 1,
+                 f"batch_size and grad_accum must be at least 1, got {self.batch_size}, {self.grad_accum}")
+        _require(self.optimizer in OPTIMIZERS, f"optimizer {self.optimizer!r} is not one of {OPTIMIZERS}")
+        _require(self.lr_schedule in SCHEDULES, f"lr_schedule {self.lr_schedule!r} is not one of {SCHEDULES}")
+        _require(self.loss in LOSSES, f"loss {self.loss!r} is not one of {LOSSES}")
+        _require(0.0 <= self.caption_dropout < 1.0,
+                 f"caption_dropout is a rate in [0, 1), got {self.caption_dropout}")
+        _require(self.compute_dtype in ("bfloat16", "float16", "float32"),
+                 f"compute_dtype {self.compute_dtype!r} is not bfloat16, float16 or float32")
+
+    def lora_config(self) -> LoRAConfig:
+        return LoRAConfig(rank=self.rank, alpha=self.alpha, dropout=self.dropout, targets=self.targets)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        _require(not unknown, f"unknown training settings {unknown}; known: {sorted(known)}")
+        return cls(**d)
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+@dataclass
+class StepReport:
+    step: int                 # steps finished so far (1-based after the first step)
+    total: int
+    loss: float
+    learning_rate: float
+    seconds: float            # wall time of this step
+
+
+@dataclass
+class TrainResult:
+    steps_done: int
+    losses: list[float]
+    cancelled: bool
+    lora_path: Path | None
+    state_path: Path | None
+    config: TrainConfig = field(repr=False)
+
+
+def learning_rate_at(config: TrainConfig, step: int) -> float:
+    """Warm-up (linear from lr/warmup to lr), then constant or cosine to zero."""
+    if step < config.warmup_steps:
+        return config.learning_rate * (step + 1) / config.warmup_steps
+    if config.lr_schedule == "constant":
+        return config.learning_rate
+    span = max(1, config.steps - config.warmup_steps)
+    progress = min(1.0, (step - config.warmup_steps) / span)
+    return config.learning_rate * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def compute_loss(model: Flux, batch: dict, config: TrainConfig, generator: torch.Generator) -> torch.Tensor:
+    """Rectified flow: x_t = (1 - t) x0 + t noise; the model predicts noise - x0."""
+    dtype = getattr(torch, config.compute_dtype)
+    x0, img_ids = pack_latents(batch["latent"].to(generator.device, torch.float32))
+    noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=torch.float32)
+    t = sample_timesteps(config.timestep_sampling, x0.shape[0], generator,
+                         image_tokens=x0.shape[1], shift=config.shift, device=x0.device)
+    x_t = (1.0 - t[:, None, None]) * x0 + t[:, None, None] * noise
+    txt = batch["t5"].to(x0.device, dtype)
+    guidance = torch.full((x0.shape[0],), config.guidance, device=x0.device, dtype=dtype)
+    velocity = model(img=x_t.to(dtype), img_ids=img_ids, txt=txt,
+                     txt_ids=text_ids(x0.shape[0], txt.shape[1], device=x0.device),
+                     timesteps=t.to(dtype), y=batch["clip"].to(x0.device, dtype),
+                     guidance=guidance if model.params.guidance_embed else None)
+    target = noise - x0
+    if config.loss == "huber":
+        return F.huber_loss(velocity.float(), target, delta=config.huber_delta)
+    return F.mse_loss(velocity.float(), target)
+
+
+def step_generator(seed: int, step: int, device) -> torch.Generator:
+    generator = torch.Generator(device=device)
+    generator.manual_seed((seed * 1_000_003 + step) % (2 ** 63))
+    return generator
+
+
+def train(model: Flux, dataset: EncodedDataset, config: TrainConfig, run_dir: Path, *,
+          lora_path: Path | None = None, base_metadata: dict | None = None,
+          on_step: Callable[[StepReport], None] | None = None,
+          should_stop: Callable[[], bool] | None = None,
+          log: Callable[[str], None] = print) -> TrainResult:
+    """Train a LoRA on `model` (frozen) over `dataset`; resume from `run_dir` if it holds
+    a checkpoint of the same settings. Writes the LoRA file to `lora_path` when done."""
+    run_dir = Path(run_dir)
+    device = next(model.parameters()).device
+    if config.guidance is not None and not model.params.guidance_embed:
+        raise ValueError("this base model has no guidance embedding (schnell?): guidance "
+                         "training needs FLUX.1-dev or Flux-Dev2Pro")
+    model.requires_grad_(False)
+    model.set_gradient_checkpointing(config.gradient_checkpointing)
+    adapters = attach_lora(model, config.lora_config(), seed=config.seed)
+    params = [p for a in adapters.values() for p in a.parameters()]
+    optimizer = _make_optimizer(config, params, device)
+    sampler = BucketBatchSampler(dataset, config.batch_size * config.grad_accum, seed=config.seed)
+
+    start, losses = 0, []
+    resumed = load_latest_state(run_dir)
+    if resumed is not None:
+        _check_resumable(resumed.config, config)
+        load_lora_state_dict(adapters, resumed.lora)
+        optimizer.load_state_dict(resumed.optimizer)
+        sampler.load_state_dict(resumed.sampler)
+        start, losses = resumed.step, list(resumed.losses)
+        log(f"[fluxtrain] resuming {run_dir.name} at step {start}/{config.steps}")
+    log("[fluxtrain] " + json.dumps(config.to_dict()))
+
+    def checkpoint(step: int) -> Path:
+        return save_state(run_dir, TrainingState(
+            step=step, lora=lora_state_dict(adapters), optimizer=optimizer.state_dict(),
+            sampler=sampler.state_dict(), config=config.to_dict(), losses=losses))
+
+    state_path = resumed.path if resumed else None
+    model.train()
+    for step in range(start, config.steps):
+        if should_stop is not None and should_stop():
+            state_path = checkpoint(step)
+            log(f"[fluxtrain] cancelled before step {step + 1}; resumable state in {state_path}")
+            return TrainResult(step, losses, True, None, state_path, config)
+        began = time.perf_counter()
+        lr = learning_rate_at(config, step)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        generator = step_generator(config.seed, step, device)
+        indices = sampler.next_batch()
+        loss_sum = 0.0
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(generator.initial_seed())        # LoRA dropout
+            for micro in _chunks(indices, config.batch_size):
+                batch = collate([dataset[i] for i in micro], config.caption_dropout, generator,
+                                dataset.empty_caption)
+                loss = compute_loss(model, batch, config, generator) / config.grad_accum
+                value = loss.item()
+                if not math.isfinite(value):
+                    raise TrainingDiverged(
+                        f"loss became {value} at step {step + 1}; the last good checkpoint is "
+                        f"{state_path or 'none (no checkpoint yet)'}. Lower the learning rate "
+                        "or check the dataset, then resume or restart.")
+                loss.backward()
+                loss_sum += value
+        if config.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss_sum)
+        if on_step is not None:
+            on_step(StepReport(step + 1, config.steps, loss_sum, lr, time.perf_counter() - began))
+        done = step + 1
+        if config.checkpoint_every and done % config.checkpoint_every == 0 and done < config.steps:
+            state_path = checkpoint(done)
+
+    state_path = checkpoint(config.steps)
+    if lora_path is not None:
+        metadata = lora_metadata(config, dataset, base_metadata or {})
+        save_lora_file(lora_path, adapters, config.lora_config(), metadata)
+        log(f"[fluxtrain] LoRA written to {Path(lora_path).name}")
+    return TrainResult(config.steps, losses, False, lora_path, state_path, config)
+
+
+def lora_metadata(config: TrainConfig, dataset: EncodedDataset, base: dict) -> dict:
+    """What a LoRA file says about how it was made. Names and hashes only, no paths."""
+    return {
+        "fluxtrain_version": __version__,
+        "base_model": base.get("name", "unknown"),
+        "base_model_hash": base.get("hash", ""),
+        "base_variant": base.get("variant", ""),
+        "guidance": config.guidance,
+        "training": config.to_dict(),
+        "dataset_size": len(dataset),
+        "buckets": dataset.bucket_counts(),
+        **{k: v for k, v in base.items() if k not in ("name", "hash", "variant")},
+    }
+
+
+def _make_optimizer(config: TrainConfig, params, device) -> torch.optim.Optimizer:
+    if config.optimizer == "adafactor":
+        return torch.optim.Adafactor(params, lr=config.learning_rate, weight_decay=config.weight_decay)
+    return torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay,
+                             fused=device.type == "cuda")
+
+
+# Settings a resumed run may change (more steps, checkpoint cadence); all else must match.
+_RESUME_MAY_CHANGE = {"steps", "checkpoint_every"}
+
+
+def _check_resumable(saved: dict, config: TrainConfig) -> None:
+    now = config.to_dict()
+    differ = {k: (saved.get(k), now[k]) for k in now
+              if k not in _RESUME_MAY_CHANGE and saved.get(k) != now[k]}
+    if differ:
+        detail = ", ".join(f"{k}: saved {a!r}, now {b!r}" for k, (a, b) in differ.items())
+        raise ValueError(f"the run folder holds a checkpoint made with other settings ({detail}); "
+                         "use the same settings to resume, or a new run name to start over")
+
+
+def _chunks(items: list, size: int):
+    return [items[i:i + size] for i in range(0, len(items), size)]
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ValueError(message)
