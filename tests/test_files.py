@@ -1,0 +1,100 @@
+"""Path safety and atomic writes (fluxtrain.files)."""
+
+import json
+import os
+
+import pytest
+
+from fluxtrain.files import UnsafePathError, atomic_write_bytes, atomic_write_json, safe_join
+
+
+@pytest.mark.parametrize("name, expected", [
+    ("run1.safetensors", "run1.safetensors"),
+    ("my_lora/run1.safetensors", "my_lora/run1.safetensors"),
+    ("./a/./b.json", "a/b.json"),
+    ("dots..in..name.safetensors", "dots..in..name.safetensors"),
+])
+def test_safe_join_accepts_relative_names(tmp_path, name, expected):
+    assert safe_join(tmp_path, name) == tmp_path / expected
+
+
+@pytest.mark.parametrize("name", ["../x.safetensors", "a/../../x", "a/..", "..\\x", "a\\..\\..\\x"])
+def test_safe_join_refuses_dotdot(tmp_path, name):
+    with pytest.raises(UnsafePathError, match="'..' component"):
+        safe_join(tmp_path, name)
+
+
+@pytest.mark.parametrize("name", ["/etc/passwd", "C:\\Windows\\x", "C:/x", "\\\\server\\share\\x", "\\x"])
+def test_safe_join_refuses_absolute(tmp_path, name):
+    with pytest.raises(UnsafePathError, match="absolute path"):
+        safe_join(tmp_path, name)
+
+
+@pytest.mark.parametrize("name", ["", "   ", ".", "./"])
+def test_safe_join_refuses_names_without_a_file(tmp_path, name):
+    with pytest.raises(UnsafePathError):
+        safe_join(tmp_path, name)
+
+
+def test_safe_join_refuses_symlink_out_of_root(tmp_path):
+    root, outside = tmp_path / "root", tmp_path / "outside"
+    root.mkdir(), outside.mkdir()
+    (root / "escape").symlink_to(outside, target_is_directory=True)
+    with pytest.raises(UnsafePathError) as err:
+        safe_join(root, "escape/x.safetensors")
+    msg = str(err.value)
+    assert "'escape/x.safetensors' leaves the folder" in msg and "symlink" in msg
+    assert "give a name relative to" in msg
+
+
+def test_safe_join_allows_symlink_within_root_and_symlinked_root(tmp_path):
+    real = tmp_path / "real"
+    (real / "sub").mkdir(parents=True)
+    (real / "alias").symlink_to(real / "sub", target_is_directory=True)
+    link_root = tmp_path / "link_root"
+    link_root.symlink_to(real, target_is_directory=True)
+    assert safe_join(real, "alias/x") == real / "alias" / "x"
+    assert safe_join(link_root, "sub/x") == link_root / "sub" / "x"
+
+
+def test_error_message_names_the_name_and_the_folder(tmp_path):
+    with pytest.raises(UnsafePathError) as err:
+        safe_join(tmp_path, "../evil", what="LoRA name")
+    assert str(err.value).startswith("LoRA name '../evil' leaves the folder")
+    assert str(tmp_path) in str(err.value)
+
+
+def _leftovers(folder):
+    return sorted(p.name for p in folder.iterdir() if p.name.endswith(".tmp"))
+
+
+def test_atomic_write_bytes_replaces_and_leaves_no_temp_files(tmp_path):
+    target = tmp_path / "sub" / "f.bin"
+    atomic_write_bytes(target, b"first")
+    atomic_write_bytes(target, b"second")
+    assert target.read_bytes() == b"second"
+    assert _leftovers(target.parent) == []
+    assert os.listdir(target.parent) == ["f.bin"]
+
+
+def test_atomic_write_json_roundtrips_and_refuses_nan(tmp_path):
+    target = tmp_path / "d.json"
+    atomic_write_json(target, {"caption": "é ü", "n": [1, 2]})
+    assert json.loads(target.read_text("utf-8")) == {"caption": "é ü", "n": [1, 2]}
+    with pytest.raises(ValueError):
+        atomic_write_json(target, {"loss": float("nan")})
+    assert json.loads(target.read_text("utf-8"))["n"] == [1, 2]  # old file intact
+    assert _leftovers(tmp_path) == []
+
+
+def test_failed_write_keeps_old_file_and_removes_temp(tmp_path, monkeypatch):
+    target = tmp_path / "f.bin"
+    target.write_bytes(b"old")
+
+    def broken_replace(src, dst):
+        raise OSError("disk full")
+    monkeypatch.setattr(os, "replace", broken_replace)
+    with pytest.raises(OSError, match="disk full"):
+        atomic_write_bytes(target, b"new")
+    assert target.read_bytes() == b"old"
+    assert os.listdir(tmp_path) == ["f.bin"]
