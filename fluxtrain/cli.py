@@ -1,0 +1,93 @@
+"""Headless training: the same engine and settings as the ComfyUI node.
+
+    python -m fluxtrain.cli --base flux-dev2pro-fp8.safetensors --dataset encoded/ \
+        --lora out/my_lora.safetensors --run-dir runs/my_lora --steps 1500
+
+Every TrainConfig field is an option (--learning-rate, --guidance, ...); --config
+reads them from a JSON file first. Re-running the same command resumes the run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import MISSING, fields
+from pathlib import Path
+
+import torch
+
+from .checkpoint import content_hash, load_flux
+from .dataset import EncodedDataset
+from .train import TrainConfig, TrainingDiverged, train
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m fluxtrain.cli", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--base", required=True, type=Path,
+                        help="Flux-Dev2Pro or Flux-dev transformer: a .safetensors file or a diffusers folder")
+    parser.add_argument("--dataset", required=True, type=Path, help="encoded dataset folder (dataset.json)")
+    parser.add_argument("--lora", required=True, type=Path, help="LoRA file to write (.safetensors)")
+    parser.add_argument("--run-dir", required=True, type=Path,
+                        help="folder for resumable checkpoints; the same folder resumes the run")
+    parser.add_argument("--config", type=Path, help="JSON file of training settings")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    for f in fields(TrainConfig):
+        option = "--" + f.name.replace("_", "-")
+        kind = type(f.default) if f.default is not MISSING else str
+        if kind is bool:
+            parser.add_argument(option, type=_parse_bool, default=None, metavar="true|false")
+        else:
+            parser.add_argument(option, type=kind, default=None)
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    settings = json.loads(args.config.read_text()) if args.config else {}
+    for f in fields(TrainConfig):
+        value = getattr(args, f.name)
+        if value is not None:
+            settings[f.name] = value
+    return TrainConfig.from_dict(settings)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        config = config_from_args(args)
+        if args.lora.suffix != ".safetensors":
+            raise ValueError(f"--lora must end in .safetensors, got {args.lora.name}")
+        model, info = load_flux(args.base, device=args.device, require_guidance=config.guidance is not None)
+        dataset = EncodedDataset.open(args.dataset)
+    except (ValueError, FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(f"[fluxtrain] base {info.name}: {info.format}, {info.weight_dtype}, "
+          f"{info.params.depth}+{info.params.depth_single_blocks} blocks; dataset {len(dataset)} samples")
+    args.lora.parent.mkdir(parents=True, exist_ok=True)
+    base = {"name": info.name, "hash": content_hash(args.base), "variant": info.variant}
+
+    def report(r):
+        print(f"[fluxtrain] step {r.step}/{r.total} loss {r.loss:.5f} lr {r.learning_rate:.2e} "
+              f"{r.seconds:.2f}s", flush=True)
+
+    try:
+        train(model, dataset, config, args.run_dir, lora_path=args.lora, base_metadata=base,
+              on_step=report)
+    except TrainingDiverged as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 3
+    return 0
+
+
+def _parse_bool(text: str) -> bool:
+    if text.lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
