@@ -17,6 +17,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from .files import atomic_write_json
+
 KEEP_CHECKPOINTS = 2
 
 
@@ -44,14 +46,14 @@ def save_state(run_dir: Path, state: TrainingState) -> Path:
     save_file({k: v.detach().contiguous().cpu() for k, v in state.lora.items()},
               str(tmp / "lora.safetensors"))
     save_file(optim_tensors, str(tmp / "optimizer.safetensors"))
-    _write_json(tmp / "state.json", {
+    atomic_write_json(tmp / "state.json", {
         "step": state.step, "optimizer": optim_json, "sampler": state.sampler,
         "config": state.config, "losses": state.losses})
     _fsync_dir(tmp)
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
-    _write_json(run_dir / "latest.json", {"checkpoint": final.name, "step": state.step})
+    atomic_write_json(run_dir / "latest.json", {"checkpoint": final.name, "step": state.step})
     for old in sorted(p for p in checkpoints.glob("step-*") if p.is_dir())[:-KEEP_CHECKPOINTS]:
         shutil.rmtree(old, ignore_errors=True)
     return final
@@ -94,15 +96,6 @@ def _join_optimizer_state(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
         index, name = key.split(".", 1)
         state.setdefault(int(index), {})[name] = value
     return {"state": state, "param_groups": meta["param_groups"]}
-
-
-def _write_json(path: Path, obj) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _fsync_dir(folder: Path) -> None:
