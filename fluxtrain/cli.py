@@ -36,10 +36,13 @@ def build_parser() -> argparse.ArgumentParser:
     for f in fields(TrainConfig):
         option = "--" + f.name.replace("_", "-")
         kind = type(f.default) if f.default is not MISSING else str
+        help_text = f"{f.metadata['help']} (default {f.default})"
         if kind is bool:
-            parser.add_argument(option, type=_parse_bool, default=None, metavar="true|false")
+            parser.add_argument(option, type=_parse_bool, default=None, metavar="true|false",
+                                help=help_text)
         else:
-            parser.add_argument(option, type=kind, default=None)
+            parser.add_argument(option, type=kind, default=None, help=help_text,
+                                choices=f.metadata.get("choices"))
     return parser
 
 

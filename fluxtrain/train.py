@@ -26,53 +26,61 @@ from .dataset import BucketBatchSampler, EncodedDataset, collate
 from .flux import Flux, pack_latents, text_ids
 from .lora import LoRAConfig, attach_lora, load_lora_state_dict, lora_state_dict, save_lora_file
 from .state import TrainingState, load_latest_state, save_state
-from .timesteps import sample_timesteps
+from .timesteps import TIMESTEP_METHODS, sample_timesteps
 
 OPTIMIZERS = ("adamw", "adafactor")
 SCHEDULES = ("constant", "cosine")
 LOSSES = ("mse", "huber")
 
 
+def setting(default, help: str, **limits):
+    """A TrainConfig field with the help text and limits that the CLI and the node show."""
+    return field(default=default, metadata={"help": help, **limits})
+
+
 @dataclass
 class TrainConfig:
-    steps: int = 1000
-    learning_rate: float = 1e-4
-    batch_size: int = 1
-    grad_accum: int = 1
-    optimizer: str = "adamw"
-    weight_decay: float = 0.0
-    lr_schedule: str = "constant"
-    warmup_steps: int = 0
-    max_grad_norm: float = 1.0            # 0 turns clipping off
-    rank: int = 16
-    alpha: float = 16.0
-    dropout: float = 0.0
-    targets: str = "all"
-    # Dev2Pro undid dev's guidance distillation by training with guidance 1.0;
-    # a LoRA trained on it must see the same 1.0 or it learns around a shifted embedding.
-    guidance: float = 1.0
-    timestep_sampling: str = "shift"
-    shift: float = 3.1582
-    loss: str = "mse"
-    huber_delta: float = 1.0
-    caption_dropout: float = 0.0
-    seed: int = 0
-    checkpoint_every: int = 250           # steps between resumable checkpoints; 0 = only at the end
-    gradient_checkpointing: bool = True
-    compute_dtype: str = "bfloat16"
+    steps: int = setting(1000, "optimizer steps to train", min=1, max=1_000_000)
+    learning_rate: float = setting(1e-4, "AdamW learning rate; 1e-4 suits rank 16 on Flux", min=1e-7, max=1.0)
+    batch_size: int = setting(1, "images per forward pass (one bucket shape per batch)", min=1, max=64)
+    grad_accum: int = setting(1, "batches whose gradients add up before one optimizer step", min=1, max=256)
+    optimizer: str = setting("adamw", "adamw (fused on CUDA) or adafactor (less memory)", choices=OPTIMIZERS)
+    weight_decay: float = setting(0.0, "decoupled weight decay on the LoRA weights", min=0.0, max=1.0)
+    lr_schedule: str = setting("constant", "after warm-up: constant, or cosine down to zero", choices=SCHEDULES)
+    warmup_steps: int = setting(0, "steps of linear learning-rate warm-up", min=0, max=100_000)
+    max_grad_norm: float = setting(1.0, "gradient clipping norm; 0 turns clipping off", min=0.0, max=1000.0)
+    rank: int = setting(16, "LoRA rank (dimension of the low-rank update)", min=1, max=512)
+    alpha: float = setting(16.0, "LoRA alpha; the update is scaled by alpha / rank", min=0.0, max=1024.0)
+    dropout: float = setting(0.0, "dropout on the LoRA input during training", min=0.0, max=0.9)
+    targets: str = setting("all", "layers that get a LoRA: all (304 on Flux), attention, mlp, "
+                           "single_blocks, or ranges like 'double:0-7,single:10-20'")
+    guidance: float = setting(1.0, "value fed to Flux's guidance embedding while training. Dev2Pro was "
+                              "fine-tuned with 1.0 to undo dev's guidance distillation, so a LoRA "
+                              "trained on it must see 1.0 too; use 1.0 on dev as well for a fair A/B "
+                              "(kohya's default is 3.5)", min=0.0, max=100.0)
+    timestep_sampling: str = setting("shift", "how training timesteps are drawn: shift (S=3.1582, the "
+                                     "recommended Flux setting), flux_shift (by resolution), "
+                                     "logit_normal, uniform", choices=TIMESTEP_METHODS)
+    shift: float = setting(3.1582, "S of the shift sampling, e^1.15", min=0.1, max=100.0)
+    loss: str = setting("mse", "mse on the velocity, or huber (robust to outliers)", choices=LOSSES)
+    huber_delta: float = setting(1.0, "delta of the huber loss", min=1e-4, max=100.0)
+    caption_dropout: float = setting(0.0, "share of samples trained on the empty caption", min=0.0, max=0.99)
+    seed: int = setting(0, "seed of every random draw; the same seed repeats the run exactly",
+                        min=0, max=2 ** 63 - 1)
+    checkpoint_every: int = setting(250, "steps between resumable checkpoints; 0 = only at the end",
+                                    min=0, max=1_000_000)
+    gradient_checkpointing: bool = setting(True, "recompute block activations in backward: much less "
+                                           "memory, about a third slower")
+    compute_dtype: str = setting("bfloat16", "dtype the frozen base computes in (LoRA weights stay "
+                                 "float32)", choices=("bfloat16", "float16", "float32"))
 
     def __post_init__(self):
-        _require(self.steps >= 1, f"steps must be at least 1, got {self.steps}")
-        _require(self.learning_rate > 0, f"learning_rate must be positive, got {self.learning_rate}")
-        _require(self.batch_size >= 1 and self.grad_accum >= 1,
-                 f"batch_size and grad_accum must be at least 1, got {self.batch_size}, {self.grad_accum}")
-        _require(self.optimizer in OPTIMIZERS, f"optimizer {self.optimizer!r} is not one of {OPTIMIZERS}")
-        _require(self.lr_schedule in SCHEDULES, f"lr_schedule {self.lr_schedule!r} is not one of {SCHEDULES}")
-        _require(self.loss in LOSSES, f"loss {self.loss!r} is not one of {LOSSES}")
-        _require(0.0 <= self.caption_dropout < 1.0,
-                 f"caption_dropout is a rate in [0, 1), got {self.caption_dropout}")
-        _require(self.compute_dtype in ("bfloat16", "float16", "float32"),
-                 f"compute_dtype {self.compute_dtype!r} is not bfloat16, float16 or float32")
+        for f in fields(self):
+            value, meta = getattr(self, f.name), f.metadata
+            if "choices" in meta and value not in meta["choices"]:
+                raise ValueError(f"{f.name} {value!r} is not one of {', '.join(meta['choices'])}")
+            if "min" in meta and not meta["min"] <= value <= meta["max"]:
+                raise ValueError(f"{f.name} must be between {meta['min']} and {meta['max']}, got {value}")
 
     def lora_config(self) -> LoRAConfig:
         return LoRAConfig(rank=self.rank, alpha=self.alpha, dropout=self.dropout, targets=self.targets)
