@@ -130,24 +130,35 @@ def learning_rate_at(config: TrainConfig, step: int) -> float:
     return config.learning_rate * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def compute_loss(model: Flux, batch: dict, config: TrainConfig, generator: torch.Generator) -> torch.Tensor:
-    """Rectified flow: x_t = (1 - t) x0 + t noise; the model predicts noise - x0."""
-    dtype = getattr(torch, config.compute_dtype)
-    x0, img_ids = pack_latents(batch["latent"].to(generator.device, torch.float32))
-    noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=torch.float32)
-    t = sample_timesteps(config.timestep_sampling, x0.shape[0], generator,
-                         image_tokens=x0.shape[1], shift=config.shift, device=x0.device)
+def flow_inputs(batch: dict, config: TrainConfig, generator: torch.Generator,
+                guidance_embed: bool = True) -> tuple[dict, torch.Tensor]:
+    """Rectified flow: x_t = (1 - t) x0 + t noise, and the velocity noise - x0 to predict.
+    Returns the model's keyword arguments and that target (float32)."""
+    device, dtype = generator.device, getattr(torch, config.compute_dtype)
+    x0, img_ids = pack_latents(batch["latent"].to(device, torch.float32))
+    batch_size = x0.shape[0]
+    noise = torch.randn(x0.shape, generator=generator, device=device, dtype=torch.float32)
+    t = sample_timesteps(config.timestep_sampling, batch_size, generator,
+                         image_tokens=x0.shape[1], shift=config.shift, device=device)
     x_t = (1.0 - t[:, None, None]) * x0 + t[:, None, None] * noise
-    txt = batch["t5"].to(x0.device, dtype)
-    guidance = torch.full((x0.shape[0],), config.guidance, device=x0.device, dtype=dtype)
-    velocity = model(img=x_t.to(dtype), img_ids=img_ids, txt=txt,
-                     txt_ids=text_ids(x0.shape[0], txt.shape[1], device=x0.device),
-                     timesteps=t.to(dtype), y=batch["clip"].to(x0.device, dtype),
-                     guidance=guidance if model.params.guidance_embed else None)
-    target = noise - x0
+    txt = batch["t5"].to(device, dtype)
+    inputs = dict(img=x_t.to(dtype), img_ids=img_ids, txt=txt,
+                  txt_ids=text_ids(batch_size, txt.shape[1], device=device),
+                  timesteps=t.to(dtype), y=batch["clip"].to(device, dtype),
+                  guidance=(torch.full((batch_size,), config.guidance, device=device, dtype=dtype)
+                            if guidance_embed else None))
+    return inputs, noise - x0
+
+
+def velocity_loss(velocity: torch.Tensor, target: torch.Tensor, config: TrainConfig) -> torch.Tensor:
     if config.loss == "huber":
         return F.huber_loss(velocity.float(), target, delta=config.huber_delta)
     return F.mse_loss(velocity.float(), target)
+
+
+def compute_loss(model: Flux, batch: dict, config: TrainConfig, generator: torch.Generator) -> torch.Tensor:
+    inputs, target = flow_inputs(batch, config, generator, model.params.guidance_embed)
+    return velocity_loss(model(**inputs), target, config)
 
 
 def step_generator(seed: int, step: int, device) -> torch.Generator:
