@@ -26,7 +26,7 @@ from .dataset import BucketBatchSampler, EncodedDataset, collate
 from .flux import Flux, pack_latents, text_ids
 from .lora import LoRAConfig, attach_lora, load_lora_state_dict, lora_state_dict, save_lora_file
 from .state import TrainingState, load_latest_state, save_state
-from .timesteps import TIMESTEP_METHODS, sample_timesteps
+from .timesteps import METHODS as TIMESTEP_METHODS, sample_timesteps
 
 OPTIMIZERS = ("adamw", "adafactor")
 SCHEDULES = ("constant", "cosine")
@@ -60,7 +60,7 @@ class TrainConfig:
                               "(kohya's default is 3.5)", min=0.0, max=100.0)
     timestep_sampling: str = setting("shift", "how training timesteps are drawn: shift (S=3.1582, the "
                                      "recommended Flux setting), flux_shift (by resolution), "
-                                     "logit_normal, uniform", choices=TIMESTEP_METHODS)
+                                     "logit_normal, uniform", choices=tuple(TIMESTEP_METHODS))
     shift: float = setting(3.1582, "S of the shift sampling, e^1.15", min=0.1, max=100.0)
     loss: str = setting("mse", "mse on the velocity, or huber (robust to outliers)", choices=LOSSES)
     huber_delta: float = setting(1.0, "delta of the huber loss", min=1e-4, max=100.0)
