@@ -180,7 +180,10 @@ def train(model: Flux, dataset: EncodedDataset, config: TrainConfig, run_dir: Pa
         raise ValueError("this base model has no guidance embedding (schnell?): guidance "
                          "training needs FLUX.1-dev or Flux-Dev2Pro")
     model.requires_grad_(False)
-    model.set_gradient_checkpointing(config.gradient_checkpointing)
+    if config.gradient_checkpointing:
+        model.set_checkpointing(model.params.depth, model.params.depth_single_blocks)
+    else:
+        model.set_checkpointing(0, 0)
     adapters = attach_lora(model, config.lora_config(), seed=config.seed)
     params = [p for a in adapters.values() for p in a.parameters()]
     optimizer = _make_optimizer(config, params, device)
