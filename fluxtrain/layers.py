@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import fp8
+
 
 def materialize_weight(weight: torch.Tensor, scale: torch.Tensor | None,
                        dtype: torch.dtype) -> torch.Tensor:
@@ -25,21 +27,24 @@ def materialize_weight(weight: torch.Tensor, scale: torch.Tensor | None,
 
 
 class _FrozenLinearFn(torch.autograd.Function):
-    """y = x @ W.T + b for a frozen W. Saves the *stored* weight (float8 stays
-    float8) rather than the cast copy, and casts again in backward."""
+    """y = x @ W.T + b for a frozen W. Keeps no copy of the weight in the graph:
+    backward fetches the *stored* weight again (float8 stays float8; an offloaded
+    weight is faulted in again) and casts again."""
 
     @staticmethod
-    def forward(ctx, x, weight, scale, bias):
-        w = materialize_weight(weight, scale, x.dtype)
-        ctx.save_for_backward(weight, scale)
-        ctx.x_dtype = x.dtype
-        return F.linear(x, w, None if bias is None else bias.to(x.dtype))
+    def forward(ctx, x, layer, bias):
+        weight, scale = layer.fetch_weight()
+        ctx.layer = layer
+        return layer.base_matmul(x, weight, scale, bias)
 
     @staticmethod
     def backward(ctx, grad_out):
-        weight, scale = ctx.saved_tensors
-        w = materialize_weight(weight, scale, grad_out.dtype)
-        return grad_out @ w, None, None, None
+        layer = ctx.layer
+        weight, scale = layer.fetch_weight()
+        if layer.fp8_compute:
+            return fp8.grad_input_fp8(grad_out, weight, layer.fp8_weight_scale,
+                                      grad_out.dtype), None, None
+        return grad_out @ materialize_weight(weight, scale, grad_out.dtype), None, None
 
 
 class FrozenLinear(nn.Module):
@@ -61,13 +66,31 @@ class FrozenLinear(nn.Module):
         # Per-tensor scale of ComfyUI's scaled-fp8 files; not part of the BFL key layout.
         self.register_buffer("weight_scale", None, persistent=False)
         self.lora: nn.Module | None = None
+        # Float8 tensor-core matmuls (fluxtrain.fp8.enable_fp8_compute sets these).
+        self.fp8_compute = False
+        self.fp8_weight_scale: torch.Tensor | None = None
+        # Where the weight comes from when it is not resident (fluxtrain.offload).
+        self.weight_source = None
+
+    def fetch_weight(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(stored weight on the compute device, its scale). Offloaded layers get
+        a fresh device copy that nothing else references."""
+        if self.weight_source is not None:
+            return self.weight_source.fetch(self)
+        return self.weight, self.weight_scale
+
+    def base_matmul(self, x, weight, scale, bias):
+        """x @ (weight * scale).T + bias, in float8 when enabled, else by casting."""
+        if self.fp8_compute:
+            return fp8.linear_fp8(x, weight, self.fp8_weight_scale, bias, x.dtype)
+        return F.linear(x, materialize_weight(weight, scale, x.dtype),
+                        None if bias is None else bias.to(x.dtype))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.is_grad_enabled() and x.requires_grad:
-            y = _FrozenLinearFn.apply(x, self.weight, self.weight_scale, self.bias)
+            y = _FrozenLinearFn.apply(x, self, self.bias)
         else:
-            w = materialize_weight(self.weight, self.weight_scale, x.dtype)
-            y = F.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
+            y = self.base_matmul(x, *self.fetch_weight(), self.bias)
         if self.lora is not None:
             y = y + self.lora(x)
         return y
