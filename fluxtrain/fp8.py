@@ -1,0 +1,175 @@
+"""Float8 compute for the frozen base matmuls.
+
+A FLUX.1 float8 checkpoint already stores every big weight as float8_e4m3fn. The
+plain path casts each weight to bf16 before its matmul, which costs a full pass
+over the weight and runs the product at the bf16 rate. On GPUs with float8
+tensor cores (compute capability 8.9 and up: Ada, Hopper, Blackwell) the product
+can instead run through `torch._scaled_mm` straight on the stored weight:
+
+    forward / recompute:  y  = (x8 * s_x) @ (W8 * s_w).T + b      x8: e4m3, per-tensor s_x
+    backward (input):     dx = (g8 * s_g) @ (W8 * s_w)            g8: e5m2, per-tensor s_g
+
+`s_w` is the weight's own scale (1 for a plain float8 file, `scale_weight` for
+ComfyUI's scaled fp8); `s_x` and `s_g` are taken from the tensor's absolute
+maximum at call time (dynamic per-tensor scaling). The base weight is frozen, so
+no weight gradient is ever needed; the LoRA path runs in bf16 elsewhere.
+
+`enable_fp8_compute(model, device)` turns it on for every FrozenLinear whose
+weight is float8_e4m3fn, and only where the device supports it; passing
+`enabled=False` turns it off (the bf16-cast path is then used everywhere).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+
+log = logging.getLogger(__name__)
+
+E4M3 = torch.float8_e4m3fn
+E5M2 = torch.float8_e5m2
+FP8_MAX = {E4M3: 448.0, E5M2: 57344.0}
+# Smallest amax we scale by: an all-zero tensor quantises to zeros with a finite scale.
+_AMAX_FLOOR = 1e-12
+
+
+def supports_fp8_matmul(device) -> bool:
+    """True where `torch._scaled_mm` runs on float8 tensor cores: CUDA devices of
+    compute capability 8.9 or newer (not ROCm: its float8 formats differ)."""
+    device = torch.device(device)
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return False
+    if getattr(torch.version, "hip", None):
+        return False
+    if not hasattr(torch, "_scaled_mm"):
+        return False
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return tuple(torch.cuda.get_device_capability(index)) >= (8, 9)
+
+
+def tensor_scale(x: torch.Tensor, fp8_dtype: torch.dtype) -> torch.Tensor:
+    """Per-tensor scale (float32 scalar) that maps max|x| onto the largest finite
+    value of `fp8_dtype`."""
+    lo, hi = torch.aminmax(x)
+    amax = torch.maximum(hi.float(), -lo.float()).clamp_min(_AMAX_FLOOR)
+    return amax / FP8_MAX[fp8_dtype]
+
+
+def _quantize_impl(x: torch.Tensor, fp8_dtype: torch.dtype):
+    scale = tensor_scale(x, fp8_dtype)
+    m = FP8_MAX[fp8_dtype]
+    q = (x.float() / scale).clamp(-m, m).to(fp8_dtype)
+    return q, scale
+
+
+_quantize_compiled = None
+_compile_failed = False
+
+
+def quantize(x: torch.Tensor, fp8_dtype: torch.dtype = E4M3):
+    """(q, scale) with q in `fp8_dtype` and x ~= q.float() * scale.
+
+    On CUDA the two passes (absolute max, scale+cast) are fused by torch.compile
+    when Triton is there (eager it takes several passes over the tensor, which at
+    1024^2 costs ~0.1 s a step); FLUXTRAIN_FP8_COMPILE=0 turns that off."""
+    global _quantize_compiled, _compile_failed
+    if x.device.type == "cuda" and not _compile_failed and os.environ.get(
+            "FLUXTRAIN_FP8_COMPILE", "1") != "0":
+        if _quantize_compiled is None:
+            _quantize_compiled = torch.compile(_quantize_impl, dynamic=True)
+        try:
+            return _quantize_compiled(x, fp8_dtype)
+        except Exception as e:  # no Triton (Windows), old compiler, ...
+            _compile_failed = True
+            log.warning("fluxtrain: float8 quantisation runs unfused (torch.compile failed: %s)",
+                        str(e).splitlines()[0] if str(e) else type(e).__name__)
+    return _quantize_impl(x, fp8_dtype)
+
+
+def _as_2d(x: torch.Tensor):
+    """Rows of x as a contiguous [M, K] matrix, padded to a multiple of 16 rows
+    (float8 GEMMs want 16-aligned sizes; modulation layers see one row)."""
+    x2 = x.reshape(-1, x.shape[-1])
+    if not x2.is_contiguous():
+        x2 = x2.contiguous()
+    m = x2.shape[0]
+    pad = (-m) % 16
+    if pad:
+        x2 = torch.nn.functional.pad(x2, (0, 0, 0, pad))
+    return x2, m
+
+
+def weight_scale_f32(weight: torch.Tensor, scale: torch.Tensor | None,
+                     device=None) -> torch.Tensor:
+    """The weight's per-tensor scale as a float32 scalar on `device` (default: the
+    weight's device)."""
+    device = weight.device if device is None else torch.device(device)
+    if scale is None:
+        return torch.ones((), dtype=torch.float32, device=device)
+    if scale.numel() != 1:
+        raise ValueError(f"float8 compute needs a per-tensor weight scale, got shape "
+                         f"{tuple(scale.shape)}; turn fp8 compute off for this model")
+    return scale.reshape(()).to(device=device, dtype=torch.float32)
+
+
+def linear_fp8(x: torch.Tensor, weight: torch.Tensor, w_scale: torch.Tensor,
+               bias: torch.Tensor | None, out_dtype: torch.dtype,
+               fast_accum: bool = True) -> torch.Tensor:
+    """x @ (weight * w_scale).T + bias with x quantised to e4m3 per tensor.
+    `weight` is float8_e4m3fn [N, K] (row-major, as stored)."""
+    x2, m = _as_2d(x)
+    xq, sx = quantize(x2, E4M3)
+    y = torch._scaled_mm(xq, weight.t(), scale_a=sx, scale_b=w_scale,
+                         bias=None if bias is None else bias.to(out_dtype),
+                         out_dtype=out_dtype, use_fast_accum=fast_accum)
+    if y.shape[0] != m:
+        y = y[:m]
+    return y.reshape(*x.shape[:-1], weight.shape[0])
+
+
+def grad_input_fp8(grad_out: torch.Tensor, weight: torch.Tensor, w_scale: torch.Tensor,
+                   out_dtype: torch.dtype, grad_dtype: torch.dtype = E5M2) -> torch.Tensor:
+    """grad_out @ (weight * w_scale): the input-gradient of a frozen linear, with
+    grad_out quantised per tensor to `grad_dtype` (e5m2 by default: gradients need
+    range more than mantissa). The weight is transposed into a column-major
+    operand (one pass over the float8 weight, no bf16 copy)."""
+    g2, m = _as_2d(grad_out)
+    gq, sg = quantize(g2, grad_dtype)
+    w_cm = weight.t().contiguous().t()  # [N, K] column-major
+    dx = torch._scaled_mm(gq, w_cm, scale_a=sg, scale_b=w_scale, out_dtype=out_dtype,
+                          use_fast_accum=False)
+    if dx.shape[0] != m:
+        dx = dx[:m]
+    return dx.reshape(*grad_out.shape[:-1], weight.shape[1])
+
+
+def fp8_eligible(layer) -> bool:
+    """A FrozenLinear can run in float8 when its stored weight is e4m3 with a
+    per-tensor (or no) scale and both sizes are multiples of 16."""
+    w = layer.weight
+    s = getattr(layer, "weight_scale", None)
+    return (w.dtype == E4M3 and w.dim() == 2 and w.shape[0] % 16 == 0
+            and w.shape[1] % 16 == 0 and (s is None or s.numel() == 1))
+
+
+def enable_fp8_compute(model: torch.nn.Module, device=None, enabled: bool = True) -> int:
+    """Route the frozen matmuls of `model` through float8 tensor cores where the
+    device supports it. Returns how many layers now compute in float8 (0 when
+    disabled or unsupported). Safe to call again to switch off."""
+    from .layers import FrozenLinear
+
+    if device is None:
+        device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    on = bool(enabled) and supports_fp8_matmul(device)
+    if enabled and not on:
+        log.info("fluxtrain: float8 compute unavailable on %s; using the bf16-cast path", device)
+    count = 0
+    for module in model.modules():
+        if isinstance(module, FrozenLinear):
+            module.fp8_compute = on and fp8_eligible(module)
+            module.fp8_weight_scale = (weight_scale_f32(module.weight, module.weight_scale, device)
+                                       if module.fp8_compute else None)
+            count += module.fp8_compute
+    return count
