@@ -79,6 +79,7 @@ METHODS: dict[str, tuple[Callable, str]] = {
     "flux_shift": (_flux_shift, "logit_normal shifted by Flux's resolution-dependent mu"),
     "uniform": (_uniform, "uniform on (0, 1)"),
 }
+TIMESTEP_METHODS = tuple(METHODS)
 
 
 def sample_timesteps(method: str, batch_size: int, generator: torch.Generator, *,
