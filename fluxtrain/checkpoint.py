@@ -1,0 +1,356 @@
+"""Reading every released Flux transformer format into BFL keys.
+
+Formats: a single .safetensors in the original (BFL) layout in any float dtype
+including float8, with or without an all-in-one prefix; ComfyUI's scaled fp8
+(`<layer>.scale_weight` + a `scaled_fp8` marker); and a diffusers folder
+(`transformer/` with sharded safetensors and an index). Tensors are read one by
+one from memory-mapped files and keep their stored dtype: a float8 model stays
+float8 in memory, and no bf16 copy of the whole model is ever built.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections import Counter
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Mapping
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from .params import CheckpointError, FluxParams, expected_shapes
+
+# Prefixes under which all-in-one checkpoints (and some exports) store the transformer.
+TRANSFORMER_PREFIXES = ("model.diffusion_model.", "diffusion_model.")
+SCALED_FP8_MARKER = "scaled_fp8"
+SCALE_WEIGHT = ".scale_weight"
+SCALE_INPUT = ".scale_input"  # fp8 activation scale of some scaled files; unused for training
+DIFFUSERS_INDEX = "diffusion_pytorch_model.safetensors.index.json"
+DIFFUSERS_SINGLE = "diffusion_pytorch_model.safetensors"
+
+
+@dataclass
+class CheckpointInfo:
+    path: str                 # as given
+    name: str                 # file or model folder name, no directories
+    format: str               # "bfl" | "scaled_fp8" | "diffusers"
+    dtype: torch.dtype        # storage dtype of the Linear weights
+    params: FluxParams
+    is_schnell: bool          # no guidance_in: the model takes no guidance input
+    variant: str              # "dev2pro" | "dev" | "schnell" (a guess from name and keys)
+    files: list[str] = field(default_factory=list)  # the safetensors holding the weights
+    # Scaled fp8: {BFL layer name: float32 scale}; real weight = stored weight * scale.
+    weight_scales: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def content_hash(self) -> str:
+        return content_hash(self.path)
+
+
+# ---------------------------------------------------------------- diffusers keys
+
+# BFL's final adaLN holds (shift, scale); diffusers' norm_out.linear holds (scale, shift).
+_SWAP_HALVES = ("final_layer.adaLN_modulation.1.weight", "final_layer.adaLN_modulation.1.bias")
+
+
+def diffusers_key_map(depth: int, single: int, guidance: bool) -> list[tuple[str, tuple[str, ...]]]:
+    """(BFL key, the diffusers keys it is split into along dim 0) for every tensor
+    a Flux transformer may have. Fused keys: qkv -> q, k, v; linear1 -> q, k, v, mlp."""
+    pairs: list[tuple[str, tuple[str, ...]]] = []
+
+    def lin(bfl, *parts):
+        for s in ("weight", "bias"):
+            pairs.append((f"{bfl}.{s}", tuple(f"{p}.{s}" for p in parts)))
+
+    def norm(bfl, part):
+        pairs.append((f"{bfl}.scale", (f"{part}.weight",)))
+
+    lin("img_in", "x_embedder")
+    lin("txt_in", "context_embedder")
+    embedders = [("time_in", "timestep_embedder"), ("vector_in", "text_embedder")]
+    if guidance:
+        embedders.append(("guidance_in", "guidance_embedder"))
+    for bfl, d in embedders:
+        lin(f"{bfl}.in_layer", f"time_text_embed.{d}.linear_1")
+        lin(f"{bfl}.out_layer", f"time_text_embed.{d}.linear_2")
+    for i in range(depth):
+        b, t = f"double_blocks.{i}", f"transformer_blocks.{i}"
+        lin(f"{b}.img_mod.lin", f"{t}.norm1.linear")
+        lin(f"{b}.txt_mod.lin", f"{t}.norm1_context.linear")
+        lin(f"{b}.img_attn.qkv", f"{t}.attn.to_q", f"{t}.attn.to_k", f"{t}.attn.to_v")
+        lin(f"{b}.txt_attn.qkv", f"{t}.attn.add_q_proj", f"{t}.attn.add_k_proj",
+            f"{t}.attn.add_v_proj")
+        norm(f"{b}.img_attn.norm.query_norm", f"{t}.attn.norm_q")
+        norm(f"{b}.img_attn.norm.key_norm", f"{t}.attn.norm_k")
+        norm(f"{b}.txt_attn.norm.query_norm", f"{t}.attn.norm_added_q")
+        norm(f"{b}.txt_attn.norm.key_norm", f"{t}.attn.norm_added_k")
+        lin(f"{b}.img_attn.proj", f"{t}.attn.to_out.0")
+        lin(f"{b}.txt_attn.proj", f"{t}.attn.to_add_out")
+        lin(f"{b}.img_mlp.0", f"{t}.ff.net.0.proj")
+        lin(f"{b}.img_mlp.2", f"{t}.ff.net.2")
+        lin(f"{b}.txt_mlp.0", f"{t}.ff_context.net.0.proj")
+        lin(f"{b}.txt_mlp.2", f"{t}.ff_context.net.2")
+    for i in range(single):
+        b, t = f"single_blocks.{i}", f"single_transformer_blocks.{i}"
+        lin(f"{b}.linear1", f"{t}.attn.to_q", f"{t}.attn.to_k", f"{t}.attn.to_v", f"{t}.proj_mlp")
+        lin(f"{b}.linear2", f"{t}.proj_out")
+        lin(f"{b}.modulation.lin", f"{t}.norm.linear")
+        norm(f"{b}.norm.query_norm", f"{t}.attn.norm_q")
+        norm(f"{b}.norm.key_norm", f"{t}.attn.norm_k")
+    lin("final_layer.linear", "proj_out")
+    lin("final_layer.adaLN_modulation.1", "norm_out.linear")
+    return pairs
+
+
+def _swap_halves(t: torch.Tensor) -> torch.Tensor:
+    a, b = t.chunk(2, dim=0)
+    return torch.cat([b, a], dim=0)
+
+
+def _block_count(keys, prefix: str) -> int:
+    idx = {int(k[len(prefix):].split(".", 1)[0]) for k in keys if k.startswith(prefix)}
+    return max(idx) + 1 if idx else 0
+
+
+def bfl_to_diffusers(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """BFL keys -> diffusers keys (split fused projections, swap the final adaLN halves)."""
+    hidden = sd["img_in.weight"].shape[0]
+    key_map = diffusers_key_map(_block_count(sd, "double_blocks."),
+                                _block_count(sd, "single_blocks."),
+                                "guidance_in.in_layer.weight" in sd)
+    out, used = {}, set()
+    for bfl, parts in key_map:
+        if bfl not in sd:
+            continue
+        t, used = sd[bfl], used | {bfl}
+        if bfl in _SWAP_HALVES:
+            t = _swap_halves(t)
+        if len(parts) == 4:  # single block linear1: q, k, v of width hidden, then the MLP
+            pieces = t.split([hidden, hidden, hidden, t.shape[0] - 3 * hidden], dim=0)
+        else:
+            pieces = t.chunk(len(parts), dim=0)
+        out.update((p, x.contiguous()) for p, x in zip(parts, pieces))
+    extra = sorted(set(sd) - used)
+    if extra:
+        raise CheckpointError(f"{len(extra)} BFL keys have no diffusers name, e.g. {extra[:3]}; "
+                              "expected only keys of a Flux transformer (see expected_shapes)")
+    return out
+
+
+def diffusers_to_bfl(tensors: Mapping[str, torch.Tensor], where: str = "") -> dict[str, torch.Tensor]:
+    """diffusers keys -> BFL keys. Reads one layer at a time from `tensors` (which may
+    be lazy), so only the result and one layer's pieces are in memory."""
+    keys = set(tensors.keys())
+    key_map = diffusers_key_map(_block_count(keys, "transformer_blocks."),
+                                _block_count(keys, "single_transformer_blocks."),
+                                "time_text_embed.guidance_embedder.linear_1.weight" in keys)
+    out, used = {}, set()
+    for bfl, parts in key_map:
+        present = [p for p in parts if p in keys]
+        if not present:
+            continue
+        if len(present) != len(parts):
+            missing = sorted(set(parts) - keys)
+            raise CheckpointError(
+                f"{where}: {missing} are missing while {present} are present; the file set is "
+                "incomplete or not a Flux transformer. Re-download the model.")
+        t = torch.cat([tensors[p] for p in parts], dim=0) if len(parts) > 1 else tensors[parts[0]]
+        out[bfl] = _swap_halves(t) if bfl in _SWAP_HALVES else t
+        used.update(parts)
+    extra = sorted(keys - used)
+    if extra:
+        raise CheckpointError(
+            f"{where}: {len(extra)} tensors have no place in a Flux transformer, e.g. {extra[:3]}. "
+            "Expected a FLUX.1 diffusers transformer (x_embedder, transformer_blocks.N, "
+            "single_transformer_blocks.N, ...); check that this is the Flux model folder.")
+    return out
+
+
+# ---------------------------------------------------------------- files
+
+class _LazyTensors(Mapping):
+    """{key: tensor} over open safetensors files; a tensor is read when indexed."""
+
+    def __init__(self, handles: dict[str, object], where: str):
+        self._handles, self._where = handles, where
+
+    def __getitem__(self, key):
+        try:
+            return self._handles[key].get_tensor(key)
+        except SafetensorError as e:
+            raise _corrupt(self._where, e) from e
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._handles)
+
+    def __len__(self):
+        return len(self._handles)
+
+
+def _corrupt(path, err) -> CheckpointError:
+    return CheckpointError(
+        f"{path} could not be read as a safetensors file ({err}): the file is truncated or "
+        "corrupt (an interrupted download or copy?), or not a .safetensors file at all. "
+        "Re-download it and check that its size matches the source.")
+
+
+def _open_all(files: list[Path], stack: ExitStack) -> dict[str, object]:
+    handles = {}
+    for f in files:
+        try:
+            h = stack.enter_context(safe_open(str(f), framework="pt", device="cpu"))
+        except SafetensorError as e:
+            raise _corrupt(f, e) from e
+        handles.update((k, h) for k in h.keys())
+    return handles
+
+
+def _diffusers_folder(path: Path) -> Path | None:
+    """The folder holding the diffusers shards: `path` or `path/transformer`, else None."""
+    for d in (path, path / "transformer"):
+        if (d / DIFFUSERS_INDEX).is_file() or (d / DIFFUSERS_SINGLE).is_file():
+            return d
+    return None
+
+
+def weight_files(path: str | os.PathLike) -> list[Path]:
+    """The safetensors files holding a model's weights, in shard order.
+    Raises CheckpointError for a missing path, an empty folder or a missing shard."""
+    p = Path(path)
+    if not p.exists():
+        raise CheckpointError(
+            f"model path {str(path)!r} does not exist (resolved: {p.absolute()}). Expected a "
+            ".safetensors file or a diffusers model folder; check the name and folder.")
+    if p.is_file():
+        return [p]
+    d = _diffusers_folder(p)
+    if d is None:
+        found = sorted(x.name for x in p.iterdir())[:10]
+        raise CheckpointError(
+            f"{p} is a folder but holds no diffusers transformer: expected {DIFFUSERS_INDEX} "
+            f"(with its shards and config.json) or {DIFFUSERS_SINGLE}, in it or in its "
+            f"transformer/ subfolder; found {found or 'nothing'}. Point to the model folder "
+            "or to a single .safetensors file.")
+    index = d / DIFFUSERS_INDEX
+    if not index.is_file():
+        return [d / DIFFUSERS_SINGLE]
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+    except (ValueError, KeyError) as e:
+        raise CheckpointError(f"{index} is not a valid diffusers index (no readable weight_map: "
+                              f"{e}); re-download it.") from e
+    shards = sorted(set(weight_map.values()))
+    missing = [s for s in shards if not (d / s).is_file()]
+    if missing:
+        raise CheckpointError(
+            f"{index} names shard(s) {missing} that are not in {d}: the download is incomplete. "
+            "Download the missing shard(s) into that folder.")
+    return [d / s for s in shards]
+
+
+def _model_name(p: Path) -> str:
+    # A diffusers model is named by its folder, not by its "transformer" subfolder.
+    if p.is_dir() and p.name == "transformer" and (p / "config.json").exists():
+        return p.resolve().parent.name
+    return p.name
+
+
+def _split_bfl_file(tensors: Mapping[str, torch.Tensor], where: str):
+    """Pick the transformer part of a single file: strip an all-in-one prefix, drop other
+    models (VAE, text encoders), separate scaled-fp8 scales. Returns (sd, scales, scaled)."""
+    keys = list(tensors.keys())
+    prefix = next((pre for pre in TRANSFORMER_PREFIXES if any(k.startswith(pre) for k in keys)), "")
+    sd, scales, scaled = {}, {}, False
+    for k in keys:
+        if not k.startswith(prefix):
+            continue  # another model of an all-in-one checkpoint
+        name = k[len(prefix):]
+        if name == SCALED_FP8_MARKER:
+            scaled = True
+        elif name.endswith(SCALE_WEIGHT):
+            scales[name[:-len(SCALE_WEIGHT)]] = tensors[k].float()
+        elif not name.endswith(SCALE_INPUT):
+            sd[name] = tensors[k]
+    orphans = sorted(layer for layer in scales if f"{layer}.weight" not in sd)
+    if orphans:
+        raise CheckpointError(f"{where}: scale_weight for layers {orphans[:3]} that have no "
+                              "weight; the file is damaged or not a Flux transformer.")
+    return sd, scales, scaled or bool(scales)
+
+
+def _check_keys(sd: Mapping[str, torch.Tensor], params: FluxParams, where: str):
+    want = expected_shapes(params)
+    missing = sorted(set(want) - set(sd))
+    extra = sorted(set(sd) - set(want))
+    wrong = [f"{k}: {tuple(sd[k].shape)} (expected {want[k]})"
+             for k in sorted(set(want) & set(sd)) if tuple(sd[k].shape) != want[k]]
+    if missing or extra or wrong:
+        raise CheckpointError(
+            f"{where} does not match the Flux shapes inferred from it ({params}): "
+            f"missing {missing[:5]}, unexpected {extra[:5]}, wrong shapes {wrong[:5]}. "
+            "The file is incomplete or a Flux variant this trainer does not support.")
+
+
+def _main_dtype(sd: Mapping[str, torch.Tensor]) -> torch.dtype:
+    return Counter(t.dtype for t in sd.values() if t.ndim == 2).most_common(1)[0][0]
+
+
+def load_state_dict(path: str | os.PathLike, require_guidance: bool = False
+                    ) -> tuple[dict[str, torch.Tensor], CheckpointInfo]:
+    """Read a Flux transformer (single .safetensors or diffusers folder) into BFL keys,
+    tensors in their stored dtype. `require_guidance` rejects schnell-type models."""
+    files = weight_files(path)
+    p = Path(path)
+    with ExitStack() as stack:
+        tensors = _LazyTensors(_open_all(files, stack), str(path))
+        if p.is_dir():
+            sd, scales, fmt = diffusers_to_bfl(tensors, str(path)), {}, "diffusers"
+        else:
+            sd, scales, scaled = _split_bfl_file(tensors, str(path))
+            fmt = "scaled_fp8" if scaled else "bfl"
+    try:
+        params = FluxParams.from_state_dict({k: tuple(v.shape) for k, v in sd.items()})
+    except CheckpointError as e:
+        raise CheckpointError(f"{path}: {e}") from e
+    _check_keys(sd, params, str(path))
+    name = _model_name(p)
+    is_schnell = not params.guidance_embed
+    if require_guidance and is_schnell:
+        raise CheckpointError(
+            f"{name} has no guidance_in layers: it is a schnell-type model that takes no "
+            "guidance input, but guidance training was requested. Use FLUX.1-dev or "
+            "Flux-Dev2Pro, or train without a guidance value.")
+    variant = ("dev2pro" if "dev2pro" in name.lower() else "schnell" if is_schnell else "dev")
+    info = CheckpointInfo(path=str(path), name=name, format=fmt, dtype=_main_dtype(sd),
+                          params=params, is_schnell=is_schnell, variant=variant,
+                          files=[str(f) for f in files], weight_scales=scales)
+    return sd, info
+
+
+# ---------------------------------------------------------------- content hash
+
+_HASH_CACHE: dict[tuple, str] = {}
+
+
+def content_hash(path: str | os.PathLike) -> str:
+    """sha256 (hex) of the tensor data of a model, headers excluded (like kohya's
+    sshs_model_hash), over the shards in order for a diffusers folder. Streams the
+    files; cached in memory per (realpath, size, mtime_ns) of every file."""
+    files = weight_files(path)
+    key = tuple((os.path.realpath(f), st.st_size, st.st_mtime_ns)
+                for f in files for st in [f.stat()])
+    if key not in _HASH_CACHE:
+        h = hashlib.sha256()
+        for f in files:
+            with open(f, "rb") as fh:
+                header = fh.read(8)
+                if len(header) < 8:
+                    raise _corrupt(f, "shorter than a safetensors header")
+                fh.seek(8 + int.from_bytes(header, "little"))
+                while chunk := fh.read(16 << 20):
+                    h.update(chunk)
+        _HASH_CACHE[key] = h.hexdigest()
+    return _HASH_CACHE[key]
