@@ -31,6 +31,7 @@ SCALE_WEIGHT = ".scale_weight"
 SCALE_INPUT = ".scale_input"  # fp8 activation scale of some scaled files; unused for training
 DIFFUSERS_INDEX = "diffusion_pytorch_model.safetensors.index.json"
 DIFFUSERS_SINGLE = "diffusion_pytorch_model.safetensors"
+_FLOAT8 = (torch.float8_e4m3fn, torch.float8_e5m2)
 
 
 @dataclass
@@ -328,6 +329,27 @@ def load_state_dict(path: str | os.PathLike, require_guidance: bool = False
                           params=params, is_schnell=is_schnell, variant=variant,
                           files=[str(f) for f in files], weight_scales=scales)
     return sd, info
+
+
+def load_flux(path: str | os.PathLike, device: str | torch.device = "cpu",
+              require_guidance: bool = False):
+    """(Flux model with the checkpoint's weights, CheckpointInfo). Linear weights keep
+    their stored dtype (float8 stays float8) with scaled-fp8 scales set on their
+    FrozenLinear; float8 biases and norm scales are upcast to bf16 (exactly). The
+    model is frozen: no parameter requires grad."""
+    from .flux import Flux  # the model is only needed here, not to read files
+
+    sd, info = load_state_dict(path, require_guidance=require_guidance)
+    for k, t in sd.items():
+        if t.ndim != 2 and t.dtype in _FLOAT8:
+            t = t.to(torch.bfloat16)
+        sd[k] = t.to(device)
+    model = Flux(info.params, device="meta")
+    model.load_state_dict(sd, assign=True, strict=True)
+    for layer, scale in info.weight_scales.items():
+        model.get_submodule(layer).weight_scale = scale.to(device)
+    model.requires_grad_(False)
+    return model, info
 
 
 # ---------------------------------------------------------------- content hash

@@ -8,15 +8,14 @@ with fewer blocks shares its tensors with a bigger one of the same seed.
 
 from __future__ import annotations
 
-import json
 import os
 import zlib
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
-from .checkpoint import (DIFFUSERS_INDEX, SCALE_WEIGHT, SCALED_FP8_MARKER, bfl_to_diffusers)
+from .checkpoint import DIFFUSERS_INDEX, SCALE_WEIGHT, SCALED_FP8_MARKER, bfl_to_diffusers
+from .files import atomic_write_json, atomic_write_safetensors
 from .params import FluxParams, expected_shapes
 
 # Weights ~ N(0, (GAIN / sqrt(fan_in))^2): activations stay near unit scale through
@@ -43,22 +42,6 @@ def random_state_dict(params: FluxParams, seed: int = 0,
     return {k: random_tensor(k, shape, seed, dtype) for k, shape in expected_shapes(params).items()}
 
 
-def _atomic(path: Path, write) -> None:
-    """Write through a temporary file in the same folder, then rename: a crash never
-    leaves a half-written file under the final name."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def _save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict | None = None) -> None:
-    _atomic(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
-
-
 def _cast(t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
     return (t if dtype is None else t.to(dtype)).contiguous()
 
@@ -67,7 +50,8 @@ def write_bfl(sd: dict[str, torch.Tensor], path: str | os.PathLike,
               dtype: torch.dtype | None = None, prefix: str = "") -> None:
     """A single .safetensors in the original layout; `prefix` "model.diffusion_model."
     gives the all-in-one layout. Every tensor is cast to `dtype` (float8 included)."""
-    _save({prefix + k: _cast(v, dtype) for k, v in sd.items()}, Path(path), {"format": "pt"})
+    atomic_write_safetensors({prefix + k: _cast(v, dtype) for k, v in sd.items()}, path,
+                             {"format": "pt"})
 
 
 def scale_fp8(weight: torch.Tensor, fp8: torch.dtype = torch.float8_e4m3fn):
@@ -91,7 +75,7 @@ def write_scaled_fp8(sd: dict[str, torch.Tensor], path: str | os.PathLike, prefi
         else:
             out[prefix + k] = _cast(v, other_dtype)
     out[prefix + SCALED_FP8_MARKER] = torch.empty(0, dtype=torch.float8_e4m3fn)
-    _save(out, Path(path), {"format": "pt"})
+    atomic_write_safetensors(out, path, {"format": "pt"})
 
 
 def diffusers_config(params: FluxParams) -> dict:
@@ -133,11 +117,10 @@ def write_diffusers(sd: dict[str, torch.Tensor], folder: str | os.PathLike,
     weight_map = {}
     for i, keys in enumerate(shards, 1):
         name = f"diffusion_pytorch_model-{i:05d}-of-{len(shards):05d}.safetensors"
-        _save({k: tensors[k] for k in keys}, d / name, {"format": "pt"})
+        atomic_write_safetensors({k: tensors[k] for k in keys}, d / name, {"format": "pt"})
         weight_map.update((k, name) for k in keys)
     total = sum(t.numel() * t.element_size() for t in tensors.values())
     index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-    _atomic(d / DIFFUSERS_INDEX, lambda tmp: tmp.write_text(json.dumps(index, indent=2)))
-    config = json.dumps(diffusers_config(params), indent=2)
-    _atomic(d / "config.json", lambda tmp: tmp.write_text(config))
+    atomic_write_json(d / DIFFUSERS_INDEX, index)
+    atomic_write_json(d / "config.json", diffusers_config(params))
     return d
