@@ -369,9 +369,10 @@ def content_hash(path: str | os.PathLike) -> str:
         for f in files:
             with open(f, "rb") as fh:
                 header = fh.read(8)
-                if len(header) < 8:
-                    raise _corrupt(f, "shorter than a safetensors header")
-                fh.seek(8 + int.from_bytes(header, "little"))
+                start = 8 + int.from_bytes(header, "little")
+                if len(header) < 8 or start > f.stat().st_size:
+                    raise _corrupt(f, "the header is longer than the file")
+                fh.seek(start)
                 while chunk := fh.read(16 << 20):
                     h.update(chunk)
         _HASH_CACHE[key] = h.hexdigest()
