@@ -18,14 +18,20 @@ if not REFERENCE_SHAPES.exists():  # the copy shipped with the repository
 
 
 def random_flux(params=TINY, seed=0) -> Flux:
-    """A Flux with weights large enough that every path (biases, modulation, qk-norm)
-    moves the output."""
+    """A Flux where every path moves the output: unlike the shared `tiny_sd` fixture
+    (norm scales 1, tiny biases), qk-norm scales and biases are random, so the diffusers
+    comparison notices a swapped query/key norm or a misplaced bias."""
     model = Flux(params)
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
             noise = torch.randn(p.shape, generator=gen)
-            p.copy_(1 + 0.2 * noise if name.endswith(".scale") else 0.05 * noise)
+            if name.endswith(".scale"):  # qk-norm
+                p.copy_(1 + 0.2 * noise)
+            elif name.endswith(".weight"):  # unit-size activations: std 1/sqrt(fan-in)
+                p.copy_(noise / p.shape[1] ** 0.5)
+            else:
+                p.copy_(0.1 * noise)
     return model
 
 
