@@ -25,9 +25,9 @@ from typing import Sequence
 import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save
+from safetensors.torch import load_file
 
-from .files import UnsafePathError, atomic_write_bytes, atomic_write_json, safe_join
+from .files import UnsafePathError, atomic_write_json, atomic_write_safetensors, safe_join
 
 FORMAT = "fluxtrain-encoded-dataset"
 VERSION = 1
@@ -70,10 +70,8 @@ def write_encoded_sample(path: str | Path, latent: torch.Tensor, t5: torch.Tenso
                          clip: torch.Tensor, caption: str = "") -> Path:
     """Write one sample file atomically. The caption is also kept in the file's metadata."""
     _check_sample_tensors(latent, t5, clip, str(path))
-    tensors = {"latent": latent, "t5": t5, "clip": clip}
-    data = save({k: v.detach().cpu().contiguous() for k, v in tensors.items()},
-                metadata={"caption": caption})
-    return atomic_write_bytes(path, data)
+    return atomic_write_safetensors({"latent": latent, "t5": t5, "clip": clip}, path,
+                                    metadata={"caption": caption})
 
 
 class EncodedDatasetWriter:
@@ -114,9 +112,8 @@ class EncodedDatasetWriter:
         latent = torch.zeros(LATENT_CHANNELS, 2, 2)
         _check_sample_tensors(latent, t5, clip, "empty caption")
         self._check_text(t5, clip, "empty caption")
-        data = save({"t5": t5.detach().cpu().contiguous(), "clip": clip.detach().cpu().contiguous()},
-                    metadata={"caption": ""})
-        atomic_write_bytes(self.folder / EMPTY_CAPTION_NAME, data)
+        atomic_write_safetensors({"t5": t5, "clip": clip}, self.folder / EMPTY_CAPTION_NAME,
+                                 metadata={"caption": ""})
         self._has_empty = True
 
     def add(self, latent: torch.Tensor, t5: torch.Tensor, clip: torch.Tensor, caption: str,
@@ -151,7 +148,7 @@ class EncodedDatasetWriter:
         return self
 
     def __exit__(self, exc_type, exc, tb):
-        if exc_type is None:
+        if exc_type is None and self.dataset is None:
             self.finish()
 
 
