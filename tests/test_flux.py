@@ -12,9 +12,8 @@ from torch import nn
 from fluxtrain.flux import Flux, pack_latents, text_ids, unpack_latents
 from fluxtrain.params import TINY, FluxParams, expected_shapes
 
-REFERENCE_SHAPES = Path("/work/shared/reference/flux1-dev-bfl-shapes.json")
-if not REFERENCE_SHAPES.exists():  # the copy shipped with the repository
-    REFERENCE_SHAPES = Path(__file__).resolve().parents[2] / "shared/reference/flux1-dev-bfl-shapes.json"
+# Key list and shapes of the released flux1-dev.safetensors (a copy of the team's reference).
+REFERENCE_SHAPES = Path(__file__).parent / "data" / "flux1-dev-bfl-shapes.json"
 
 
 def random_flux(params=TINY, seed=0) -> Flux:
