@@ -106,6 +106,8 @@ class LoRAConfig:
                                   f"alpha {self.alpha} would never train); alpha = rank gives scale 1")
         if not 0 <= self.dropout < 1:
             raise LoRAConfigError(f"dropout must be in [0, 1), got {self.dropout}")
+        object.__setattr__(self, "rank", int(self.rank))
+        object.__setattr__(self, "alpha", float(self.alpha))
         targets, blocks = self.targets, self.blocks
         if isinstance(targets, str) and ":" in targets:     # 'double:0-7' alone: every layer there
             if blocks:
