@@ -141,7 +141,8 @@ def bfl_to_diffusers(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def diffusers_to_bfl(tensors: Mapping[str, torch.Tensor], where: str = "") -> dict[str, torch.Tensor]:
+def diffusers_to_bfl(tensors: Mapping[str, torch.Tensor],
+                     where: str = "diffusers weights") -> dict[str, torch.Tensor]:
     """diffusers keys -> BFL keys. Reads one layer at a time from `tensors` (which may
     be lazy), so only the result and one layer's pieces are in memory."""
     keys = set(tensors.keys())
@@ -254,7 +255,7 @@ def weight_files(path: str | os.PathLike) -> list[Path]:
 
 def _model_name(p: Path) -> str:
     # A diffusers model is named by its folder, not by its "transformer" subfolder.
-    if p.is_dir() and p.name == "transformer" and (p / "config.json").exists():
+    if p.is_dir() and p.name == "transformer":
         return p.resolve().parent.name
     return p.name
 

@@ -39,32 +39,42 @@ def scaled_expected(sd):
     return weights, scales
 
 
-# (id, write(sd, tmp_path) -> path to load, expected(sd) -> (tensors, scales), format, dtype)
+def single_file(writer, *args):
+    """write(sd, folder) -> path: one .safetensors written by `writer(sd, path, *args)`."""
+    def write(sd, folder):
+        writer(sd, folder / "m.safetensors", *args)
+        return folder / "m.safetensors"
+    return write
+
+
+def same_values(dtype):
+    return lambda sd: (cast_all(sd, dtype), {})
+
+
+AIO = "model.diffusion_model."
+# (id, write(sd, folder) -> path to load, expected(sd) -> (tensors, scales), format, dtype)
 FORMATS = [
-    ("bfl-bf16", lambda sd, d: write_bfl(sd, d / "m.safetensors", torch.bfloat16) or d / "m.safetensors",
-     lambda sd: (cast_all(sd, torch.bfloat16), {}), "bfl", torch.bfloat16),
-    ("bfl-fp32-prefixed",
-     lambda sd, d: write_bfl(sd, d / "m.safetensors", torch.float32, "model.diffusion_model.")
-     or d / "m.safetensors",
-     lambda sd: (sd, {}), "bfl", torch.float32),
-    ("bfl-fp8-e4m3", lambda sd, d: write_bfl(sd, d / "m.safetensors", F8) or d / "m.safetensors",
-     lambda sd: (cast_all(sd, F8), {}), "bfl", F8),
-    ("bfl-fp8-e5m2-diffusion_model-prefix",
-     lambda sd, d: write_bfl(sd, d / "m.safetensors", F8_E5, "diffusion_model.") or d / "m.safetensors",
-     lambda sd: (cast_all(sd, F8_E5), {}), "bfl", F8_E5),
-    ("scaled-fp8", lambda sd, d: write_scaled_fp8(sd, d / "m.safetensors") or d / "m.safetensors",
-     scaled_expected, "scaled_fp8", F8),
-    ("scaled-fp8-prefixed",
-     lambda sd, d: write_scaled_fp8(sd, d / "m.safetensors", "model.diffusion_model.")
-     or d / "m.safetensors",
-     scaled_expected, "scaled_fp8", F8),
+    ("bfl-bf16", single_file(write_bfl, torch.bfloat16),
+     same_values(torch.bfloat16), "bfl", torch.bfloat16),
+    ("bfl-fp32-prefixed", single_file(write_bfl, torch.float32, AIO),
+     same_values(torch.float32), "bfl", torch.float32),
+    ("bfl-fp8-e4m3", single_file(write_bfl, F8), same_values(F8), "bfl", F8),
+    ("bfl-fp8-e5m2-diffusion_model-prefix", single_file(write_bfl, F8_E5, "diffusion_model."),
+     same_values(F8_E5), "bfl", F8_E5),
+    ("scaled-fp8", single_file(write_scaled_fp8), scaled_expected, "scaled_fp8", F8),
+    ("scaled-fp8-prefixed", single_file(write_scaled_fp8, AIO), scaled_expected, "scaled_fp8", F8),
     ("diffusers-fp16-sharded",
      lambda sd, d: write_diffusers(sd, d / "model", torch.float16, SMALL_SHARDS),
-     lambda sd: (cast_all(sd, torch.float16), {}), "diffusers", torch.float16),
+     same_values(torch.float16), "diffusers", torch.float16),
     ("diffusers-bf16-parent-folder",
      lambda sd, d: write_diffusers(sd, d / "model", torch.bfloat16).parent,
-     lambda sd: (cast_all(sd, torch.bfloat16), {}), "diffusers", torch.bfloat16),
+     same_values(torch.bfloat16), "diffusers", torch.bfloat16),
 ]
+
+
+def bits(t):
+    """Compare float8 tensors bit for bit (and everything else exactly)."""
+    return t.view(torch.uint8) if t.dtype in (F8, F8_E5) else t
 
 
 @pytest.mark.parametrize("params", [TINY, TINY_1x1], ids=["tiny", "1x1"])
@@ -77,8 +87,7 @@ def test_every_format_loads_the_written_weights_in_bfl_keys(tmp_path, params, fm
     assert set(got) == set(expected_shapes(params))
     for k in want:
         assert got[k].dtype == want[k].dtype, k
-        assert torch.equal(got[k].view(torch.uint8) if got[k].dtype in (F8, F8_E5) else got[k],
-                           want[k].view(torch.uint8) if want[k].dtype in (F8, F8_E5) else want[k]), k
+        assert torch.equal(bits(got[k]), bits(want[k])), k
     assert set(info.weight_scales) == set(want_scales)
     for layer, s in want_scales.items():
         assert info.weight_scales[layer].dtype == torch.float32
@@ -102,7 +111,8 @@ def test_scaled_fp8_matches_what_comfyui_reads(tmp_path, tiny_sd):
     n_linear = sum(1 for k, v in tiny_sd.items() if k.endswith(".weight") and v.ndim == 2)
     assert sum(k.endswith(".scale_weight") for k in keys) == n_linear
     # the stored weight times its scale is the original weight, to float8 precision
-    torch.testing.assert_close(weight.float() * scale, tiny_sd["img_in.weight"], rtol=0.07, atol=1e-3)
+    torch.testing.assert_close(weight.float() * scale, tiny_sd["img_in.weight"],
+                               rtol=0.07, atol=1e-3)
 
 
 def test_all_in_one_checkpoint_yields_only_the_transformer(tmp_path, tiny_sd):
@@ -309,14 +319,20 @@ def test_path_that_does_not_exist(tmp_path):
 def test_folder_without_diffusers_index(tmp_path):
     (tmp_path / "stuff").mkdir()
     (tmp_path / "stuff" / "readme.txt").write_text("hi")
-    with pytest.raises(CheckpointError, match="holds no diffusers transformer.*index.json.*readme.txt"):
+    with pytest.raises(CheckpointError,
+                       match="holds no diffusers transformer.*index.json.*readme.txt"):
         load_state_dict(tmp_path / "stuff")
 
 
-def test_foreign_tensors_in_a_diffusers_folder(tmp_path, tiny_sd):
+def test_unsharded_diffusers_folder_loads_and_foreign_tensors_are_named(tmp_path, tiny_sd):
     d = tmp_path / "model" / "transformer"
     d.mkdir(parents=True)
-    tensors = {**bfl_to_diffusers(tiny_sd), "pos_embed.proj.weight": torch.zeros(2, 2)}
-    save_file(tensors, str(d / "diffusion_pytorch_model.safetensors"))
-    with pytest.raises(CheckpointError, match="no place in a Flux transformer.*pos_embed.proj.weight"):
+    single = d / "diffusion_pytorch_model.safetensors"
+    save_file(bfl_to_diffusers(tiny_sd), str(single))
+    sd, info = load_state_dict(tmp_path / "model")
+    assert info.format == "diffusers" and all(torch.equal(sd[k], tiny_sd[k]) for k in tiny_sd)
+    save_file({**bfl_to_diffusers(tiny_sd), "pos_embed.proj.weight": torch.zeros(2, 2)},
+              str(single))
+    with pytest.raises(CheckpointError,
+                       match="no place in a Flux transformer.*pos_embed.proj.weight"):
         load_state_dict(tmp_path / "model")
