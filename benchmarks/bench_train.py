@@ -1,0 +1,385 @@
+"""Speed and memory of LoRA training on a full-size Flux (issue 5).
+
+Builds FLUX.1-dev's transformer (FluxParams(): 19 double + 38 single blocks, hidden
+3072) with random float8_e4m3fn weights generated tensor by tensor on the GPU (no
+host copy of the model), attaches a rank-16 LoRA on the default "all" target set,
+and trains batch 1 with T5 length 512 at each resolution, through the engine's
+own step (fluxtrain.train.compute_loss + backward + clip + optimizer step, exactly
+as fluxtrain.train.train runs it).
+
+Every configuration runs in a fresh child process, so peak VRAM and peak host
+RSS belong to that configuration alone. Step times are taken inside the loop
+(CUDA events around each step, synchronised), median over --steps after --warmup.
+
+Modes:  fast  no gradient checkpointing
+        lean  every block checkpointed
+        auto  fluxtrain.memory.plan() picks checkpointing / offload from free VRAM
+Compute: bf16 (weights cast per call) or fp8 (torch._scaled_mm on float8 tensor cores).
+Offload: none | aimdo | pinned (frozen weights in host memory, fluxtrain.offload).
+--free-gb N: a ballast allocation leaves only N GB of the card free (both torch and
+aimdo then see an N GB card).
+
+FLOPs (for MFU) are counted exactly per matmul, model FLOPs only: each frozen
+linear 2*M*K*N forward + 2*M*K*N input-gradient (no weight gradient: the base is
+frozen); each LoRA 6*M*r*(K+N) (forward, both gradients); attention 4*T^2*D
+forward and 8*T^2*D backward. Recompute (checkpointing) is not counted, so MFU
+of lean and fast modes compare the same useful work. MFU is against the card's
+dense bf16 peak (989.4 TFLOP/s for H100 SXM / H200).
+
+    python benchmarks/bench_train.py --out benchmarks/results/DATE-h100.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+import zlib
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+DENSE_BF16_PEAK = {"H100 PCIe": 756e12, "H100": 989.4e12, "H200": 989.4e12, "H800": 989.4e12,
+                   "A100": 312e12, "L40S": 362e12, "RTX 4090": 165e12}
+
+
+def bf16_peak(name: str) -> float | None:
+    for key in sorted(DENSE_BF16_PEAK, key=len, reverse=True):
+        if key in name:
+            return DENSE_BF16_PEAK[key]
+    return None
+
+
+# ---------------------------------------------------------------- FLOPs
+
+def model_flops(p, img_tokens: int, txt_tokens: int, rank: int, lora_layers: set[str],
+                batch: int = 1) -> float:
+    """Model FLOPs of one training step (see module doc)."""
+    h, m = p.hidden_size, p.mlp_hidden_dim
+    total = 0.0
+
+    def linear(name, rows, k, n, grad_in=True):
+        nonlocal total
+        rows *= batch
+        total += 2 * rows * k * n * (2 if grad_in else 1)
+        if name in lora_layers:
+            total += 6 * rows * rank * (k + n)
+
+    def attention(tokens):
+        nonlocal total
+        total += batch * 12 * tokens * tokens * h  # 4 T^2 D forward + 8 T^2 D backward
+
+    N, L, T = img_tokens, txt_tokens, img_tokens + txt_tokens
+    linear("img_in", N, p.in_channels, h, grad_in=False)
+    linear("txt_in", L, p.context_in_dim, h, grad_in=False)
+    for e in ("time_in", "vector_in", "guidance_in"):
+        linear(f"{e}.in_layer", 1, 256 if e != "vector_in" else p.vec_in_dim, h, grad_in=False)
+        linear(f"{e}.out_layer", 1, h, h, grad_in=False)
+    for i in range(p.depth):
+        for s, rows in (("img", N), ("txt", L)):
+            b = f"double_blocks.{i}.{s}"
+            linear(f"{b}_mod.lin", 1, h, 6 * h)
+            linear(f"{b}_attn.qkv", rows, h, 3 * h)
+            linear(f"{b}_attn.proj", rows, h, h)
+            linear(f"{b}_mlp.0", rows, h, m)
+            linear(f"{b}_mlp.2", rows, m, h)
+        attention(T)
+    for i in range(p.depth_single_blocks):
+        b = f"single_blocks.{i}"
+        linear(f"{b}.modulation.lin", 1, h, 3 * h)
+        linear(f"{b}.linear1", T, h, 3 * h + m)
+        linear(f"{b}.linear2", T, h + m, h)
+        attention(T)
+    linear("final_layer.adaLN_modulation.1", 1, h, 2 * h)
+    linear("final_layer.linear", N, h, p.out_channels)
+    return total
+
+
+# ---------------------------------------------------------------- one configuration (child)
+
+def random_fp8_model(params, device, seed: int = 0, host: bool = False):
+    """Flux with random float8_e4m3fn weights drawn on the GPU one tensor at a time
+    (same scaling as fluxtrain.synthetic: N(0, (0.5/sqrt(fan_in))^2), biases 0.02,
+    norm scales 1). `host`: weights land in host memory (for offload), the rest on
+    the GPU."""
+    import torch
+    from fluxtrain.flux import Flux
+    from fluxtrain.synthetic import BIAS_STD, WEIGHT_GAIN
+
+    model = Flux(params, device="cpu" if host else device, dtype=torch.float8_e4m3fn)
+    g = torch.Generator(device=device)
+    with torch.no_grad():
+        for name, t in model.named_parameters():
+            if name.endswith(".scale"):
+                value = torch.ones(t.shape, device=device)
+            else:
+                g.manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+                value = torch.randn(t.shape, generator=g, device=device)
+                value *= WEIGHT_GAIN / t.shape[1] ** 0.5 if t.dim() == 2 else BIAS_STD
+            if t.dim() == 2:
+                t.copy_(value.to(torch.float8_e4m3fn))
+            else:  # biases and norm scales: bf16, as in released float8 files' small tensors
+                t.data = value.to(torch.bfloat16)
+    return model
+
+
+def run_config(cfg: dict) -> dict:
+    offload_kind = cfg.get("offload", "none")
+    if offload_kind == "aimdo":
+        from fluxtrain import offload as _offload
+        _offload.init_aimdo()      # before torch touches the device: aimdo hooks the driver
+    import resource
+
+    import torch
+    from fluxtrain import fp8, memory
+    from fluxtrain.lora import LoRAConfig, attach_lora
+    from fluxtrain.params import FluxParams
+    from fluxtrain.train import TrainConfig, _make_optimizer, compute_loss, step_generator
+
+    device = torch.device(cfg.get("device", "cuda"))
+    cuda = device.type == "cuda"
+    torch.ones(1, device=device)
+    ballast = None
+    if cfg.get("free_gb") and cuda:
+        free, _ = torch.cuda.mem_get_info()
+        keep = int(cfg["free_gb"] * 1e9)
+        if free > keep:
+            ballast = torch.empty(free - keep, dtype=torch.uint8, device=device)
+    free_at_start = torch.cuda.mem_get_info()[0] if cuda else 80 * 2**30
+
+    params = FluxParams()
+    if cfg.get("tiny"):  # smoke test of the harness on a CPU: same structure, tiny widths
+        params = FluxParams(vec_in_dim=768, context_in_dim=4096, hidden_size=256, num_heads=2,
+                            depth=2, depth_single_blocks=2)
+    res = cfg["resolution"]
+    img_tokens = (res // 16) ** 2
+    txt_tokens = cfg.get("t5_len", 512)
+    mode = cfg["mode"]
+    plan = None
+    if mode == "auto":
+        plan = memory.plan(free_at_start, params, img_tokens=img_tokens, txt_tokens=txt_tokens,
+                           batch=1, rank=cfg["rank"], fp8_compute=cfg["compute"] == "fp8",
+                           offload_available=True)
+        if plan.offload and offload_kind == "none":
+            offload_kind = "aimdo"
+    host = offload_kind != "none"
+
+    t0 = time.perf_counter()
+    model = random_fp8_model(params, device, seed=0, host=host)
+    model.requires_grad_(False)
+    build_s = time.perf_counter() - t0
+
+    config = TrainConfig(rank=cfg["rank"], alpha=float(cfg["rank"]), targets="all",
+                         gradient_checkpointing=(mode != "fast"), seed=0, learning_rate=1e-4)
+    if mode == "fast":
+        model.set_checkpointing(0, 0)
+    elif mode == "lean":
+        model.set_checkpointing(params.depth, params.depth_single_blocks)
+    else:
+        model.set_checkpointing(plan.checkpoint_double, plan.checkpoint_single)
+    adapters = attach_lora(model, config.lora_config(), seed=config.seed)
+    for a in adapters.values():
+        a.to(device)
+        if cfg.get("random_up"):  # nonzero up: every LoRA factor gets a gradient
+            with torch.no_grad():
+                gen = torch.Generator(device=device).manual_seed(1)
+                a.up.copy_(torch.randn(a.up.shape, generator=gen, device=device) * 1e-3)
+    offloader = None
+    if host:
+        from fluxtrain import offload
+        resident = plan.resident_bytes if plan is not None else cfg.get("resident_gb", 0) * 1e9
+        offloader = offload.install(model, device, prefer=offload_kind,
+                                    resident_bytes=int(resident) if cfg.get("resident_gb") is not None
+                                    or plan is not None else None)
+    n_fp8 = fp8.enable_fp8_compute(model, device, enabled=cfg["compute"] == "fp8")
+    lora_params = [p for a in adapters.values() for p in a.parameters()]
+    optimizer = _make_optimizer(config, lora_params, device)
+
+    g = torch.Generator(device=device).manual_seed(123)
+    h = w = res // 8
+    batch = {"latent": torch.randn(1, 16, h, w, generator=g, device=device),
+             "t5": torch.randn(1, txt_tokens, 4096, generator=g, device=device) * 0.2,
+             "clip": torch.randn(1, 768, generator=g, device=device)}
+
+    times, losses = [], []
+    warmup, steps = cfg["warmup"], cfg["steps"]
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    grads_saved = None
+    for step in range(warmup + steps):
+        start, end = _timer(cuda), _timer(cuda)
+        start.record()
+        generator = step_generator(config.seed, step, device)
+        loss = compute_loss(model, batch, config, generator)
+        loss.backward()
+        if step == 0 and cfg.get("grads_file"):
+            grads_saved = {f"{n}.{k}": getattr(a, k).grad.detach().float().cpu()
+                           for n, a in adapters.items() for k in ("down", "up")}
+        if config.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(lora_params, config.max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        end.record()
+        end.synchronize()
+        losses.append(loss.item())
+        if step >= warmup:
+            times.append(start.elapsed_time(end) / 1e3)
+    if grads_saved is not None:
+        torch.save(grads_saved, cfg["grads_file"])
+
+    name = torch.cuda.get_device_name() if cuda else "cpu"
+    peak = bf16_peak(name)
+    flops = model_flops(params, img_tokens, txt_tokens, cfg["rank"], set(adapters))
+    med = statistics.median(times)
+    out = dict(cfg, offload=offload_kind,
+               s_per_step=med, s_per_step_min=min(times), s_per_step_max=max(times),
+               steps_timed=len(times), step_times=times,
+               tflop_per_step=flops / 1e12, achieved_tflops=flops / med / 1e12,
+               mfu=(flops / med / peak) if peak else None, bf16_peak_tflops=(peak or 0) / 1e12,
+               peak_vram_allocated_gib=(torch.cuda.max_memory_allocated() if cuda else 0) / 2**30,
+               peak_vram_reserved_gib=(torch.cuda.max_memory_reserved() if cuda else 0) / 2**30,
+               peak_host_rss_gib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+               free_vram_at_start_gib=free_at_start / 2**30,
+               ballast_gib=(ballast.numel() / 2**30) if ballast is not None else 0.0,
+               build_s=build_s, losses=losses, losses_finite=all(map(lambda v: v == v and abs(v) < 1e30, losses)),
+               fp8_layers=n_fp8, lora_layers=len(adapters),
+               lora_params=sum(p.numel() for p in lora_params),
+               device=name, torch=torch.__version__,
+               plan=plan.to_dict() if plan is not None else None,
+               offload_stats=offloader.stats() if offloader is not None else None)
+    if plan is not None:
+        out["predicted_peak_gib"] = plan.predicted_peak / 2**30
+    return out
+
+
+class _timer:
+    """CUDA event, or a host clock on a CPU (smoke tests of the harness)."""
+
+    def __init__(self, cuda: bool):
+        import torch
+        self.event = torch.cuda.Event(enable_timing=True) if cuda else None
+        self.t = 0.0
+
+    def record(self):
+        if self.event is not None:
+            self.event.record()
+        else:
+            self.t = time.perf_counter()
+
+    def synchronize(self):
+        if self.event is not None:
+            self.event.synchronize()
+
+    def elapsed_time(self, end) -> float:
+        if self.event is not None:
+            return self.event.elapsed_time(end.event)
+        return (end.t - self.t) * 1e3
+
+
+# ---------------------------------------------------------------- driver (parent)
+
+def configs_from_args(args) -> list[dict]:
+    out = []
+    for res in args.resolutions:
+        for mode in args.modes:
+            for compute in args.compute:
+                out.append(dict(resolution=res, mode=mode, compute=compute, rank=args.rank,
+                                steps=args.steps, warmup=args.warmup, offload=args.offload,
+                                free_gb=args.free_gb, t5_len=args.t5_len,
+                                device=args.device, tiny=args.tiny))
+    return out
+
+
+def run_child(cfg: dict, timeout: float) -> dict:
+    cmd = [sys.executable, __file__, "--child", json.dumps(cfg)]
+    began = time.perf_counter()
+    try:
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return dict(cfg, error=f"timed out after {timeout:.0f} s")
+    lines = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")]
+    if p.returncode != 0 or not lines:
+        tail = (p.stderr or p.stdout).strip().splitlines()[-12:]
+        err = next((ln for ln in reversed(tail) if "Error" in ln or "error" in ln), tail[-1] if tail else "")
+        return dict(cfg, error=err[:400], stderr_tail=tail, returncode=p.returncode)
+    res = json.loads(lines[-1][len("RESULT "):])
+    res["wall_s"] = time.perf_counter() - began
+    return res
+
+
+def table(results: list[dict]) -> str:
+    rows = ["res  mode compute offload free | s/step   MFU   TFLOP/s | alloc  resvd GiB | RSS GiB"]
+    for r in results:
+        head = (f"{r['resolution']:<4} {r['mode']:<4} {r['compute']:<7} {r.get('offload','none'):<7}"
+                f" {str(r.get('free_gb') or '-'):>4} |")
+        if "error" in r:
+            rows.append(head + " ERROR " + r["error"][:90])
+            continue
+        mfu = f"{100 * r['mfu']:5.1f}%" if r.get("mfu") else "  -  "
+        rows.append(head + f" {r['s_per_step']:.3f} {mfu} {r['achieved_tflops']:6.0f} |"
+                    f" {r['peak_vram_allocated_gib']:5.1f} {r['peak_vram_reserved_gib']:5.1f}    |"
+                    f" {r['peak_host_rss_gib']:5.1f}")
+    return "\n".join(rows)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--resolutions", type=int, nargs="+", default=[512, 1024])
+    ap.add_argument("--modes", nargs="+", default=["fast", "lean"], choices=["fast", "lean", "auto"])
+    ap.add_argument("--compute", nargs="+", default=["bf16", "fp8"], choices=["bf16", "fp8"])
+    ap.add_argument("--offload", default="none", choices=["none", "aimdo", "pinned"])
+    ap.add_argument("--free-gb", type=float, default=None,
+                    help="leave only this many GB of VRAM free (ballast allocation)")
+    ap.add_argument("--rank", type=int, default=16)
+    ap.add_argument("--t5-len", type=int, default=512)
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--timeout", type=float, default=300)
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--tiny", action="store_true", help="tiny widths: a CPU smoke test of the harness")
+    ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--configs", type=str, default=None,
+                    help="JSON list of configuration dicts (overrides the grid)")
+    ap.add_argument("--child", type=str, default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+
+    if args.child is not None:
+        print("RESULT " + json.dumps(run_config(json.loads(args.child))), flush=True)
+        return
+
+    cfgs = json.loads(args.configs) if args.configs else configs_from_args(args)
+    defaults = dict(rank=args.rank, steps=args.steps, warmup=args.warmup, offload=args.offload,
+                    free_gb=args.free_gb, t5_len=args.t5_len, device=args.device, tiny=args.tiny)
+    results = []
+    for cfg in cfgs:
+        cfg = {**defaults, **cfg}
+        r = run_child(cfg, args.timeout)
+        results.append(r)
+        brief = {k: r.get(k) for k in ("resolution", "mode", "compute", "offload", "free_gb",
+                                       "s_per_step", "peak_vram_allocated_gib", "error")}
+        print(json.dumps(brief), flush=True)
+        if args.out:
+            _write(args.out, args, results)
+    print(table(results))
+
+
+def _write(path: Path, args, results):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    doc = {"command": " ".join([Path(sys.executable).name] + sys.argv),
+           "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+           "flop_count": "exact matmul count, model FLOPs only (no recompute): frozen linear "
+                         "2MKN fwd + 2MKN input-grad; LoRA 6Mr(K+N); attention 4T^2D fwd + 8T^2D bwd",
+           "results": results}
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(doc, indent=1))
+    os.replace(tmp, path)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,195 @@
+"""Automatic memory planning: how many blocks to checkpoint, whether to offload.
+
+Users should not have to guess a block-swap number. Given the free VRAM and the
+job (model shapes, resolution, batch, LoRA rank), `plan()` picks the fastest
+configuration that fits, from an explicit model of where the bytes go:
+
+    weights      frozen Linear weights at their stored size (float8: 1 byte each)
+                 plus biases / norm scales, per block
+    LoRA         float32 factors + gradients + AdamW's two moments (16 B/param)
+    activations  per block, in units of one token row of the hidden state
+                 (hidden_size * 2 bytes, bf16) times the block's tokens:
+                 - a checkpointed block keeps only its input: 1 unit
+                   (a double block keeps image and text rows: 1 unit per token)
+                 - a block kept for backward keeps DOUBLE_UNITS / SINGLE_UNITS
+                 - while one block is recomputed and differentiated, its full
+                   activations plus the gradients in flight: TRANSIENT_UNITS more
+    workspace    cast copies of the largest weight, attention and cuBLAS workspace,
+                 allocator slack: a fixed part plus a share of the total
+
+The unit counts were measured with autograd's saved-tensor hooks on fluxtrain's
+own blocks (tests/test_memory.py measures them again, so a change to flux.py that
+moves them fails a test instead of silently breaking the planner) and checked
+against peak VRAM measured on an H100 (benchmarks/NOTES.md).
+
+Order of preference: fewest checkpointed blocks without offload (speed), then
+every block checkpointed, then offload with as many weights resident as fit.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+from .params import FluxParams
+
+# Saved activations of a block kept for backward, in hidden-state rows (bf16) per
+# token of the block. Measured on fluxtrain.flux with a LoRA on every Linear.
+DOUBLE_UNITS = 38.2
+SINGLE_UNITS = 31.3
+# Recompute + backward of one block: its activations plus gradient buffers in flight.
+TRANSIENT_UNITS = 12.0
+# Fixed workspace (CUDA context is outside torch's counters), and a share of the rest
+# for the caching allocator's fragmentation (reserved vs allocated).
+FIXED_WORKSPACE = 1.0 * 2**30
+FRAGMENTATION = 0.08
+# Offload: device buffers for weights in flight (the layer in use + prefetched ones).
+OFFLOAD_BUFFERS = 4
+
+
+class MemoryPlanError(RuntimeError):
+    """The job cannot fit the free VRAM even fully checkpointed and offloaded."""
+
+
+@dataclass
+class Plan:
+    checkpoint_double: int            # the first n double blocks are recomputed in backward
+    checkpoint_single: int            # the first n single blocks are recomputed in backward
+    offload: bool                     # frozen weights stream from host memory
+    resident_bytes: int               # weights kept in VRAM when offloading (all when not)
+    predicted_peak: int               # bytes torch will have allocated at the peak
+    budget: int                       # bytes the plan was allowed to use
+    breakdown: dict = field(default_factory=dict)
+
+    @property
+    def summary(self) -> str:
+        gib = 2 ** 30
+        off = (f", offload with {self.resident_bytes / gib:.1f} GiB of weights resident"
+               if self.offload else ", no offload")
+        return (f"checkpoint {self.checkpoint_double} double + {self.checkpoint_single} single "
+                f"blocks{off}; predicted peak {self.predicted_peak / gib:.1f} GiB of "
+                f"{self.budget / gib:.1f} GiB available")
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["summary"] = self.summary
+        return d
+
+
+def _linear_bytes(k: int, n: int, weight_bytes: float, bias: bool = True) -> float:
+    return k * n * weight_bytes + (2 * n if bias else 0)
+
+
+def block_weight_bytes(p: FluxParams, weight_bytes: float = 1.0) -> tuple[float, float]:
+    """Bytes of one double and one single block's weights (weight_bytes per element:
+    1 for float8, 2 for bf16), biases and norm scales in bf16."""
+    h, m, hd = p.hidden_size, p.mlp_hidden_dim, p.head_dim
+    stream = (_linear_bytes(h, 6 * h, weight_bytes) + _linear_bytes(h, 3 * h, weight_bytes, p.qkv_bias)
+              + _linear_bytes(h, h, weight_bytes) + _linear_bytes(h, m, weight_bytes)
+              + _linear_bytes(m, h, weight_bytes) + 4 * hd)
+    single = (_linear_bytes(h, 3 * h + m, weight_bytes) + _linear_bytes(h + m, h, weight_bytes)
+              + _linear_bytes(h, 3 * h, weight_bytes) + 4 * hd)
+    return 2 * stream, single
+
+
+def edge_weight_bytes(p: FluxParams, weight_bytes: float = 1.0) -> float:
+    """Weights outside the blocks: embedders, txt_in, final layer."""
+    h = p.hidden_size
+    n_emb = 3 if p.guidance_embed else 2
+    return (_linear_bytes(p.in_channels, h, weight_bytes) + _linear_bytes(p.context_in_dim, h, weight_bytes)
+            + (n_emb - 1) * _linear_bytes(256, h, weight_bytes) + _linear_bytes(p.vec_in_dim, h, weight_bytes)
+            + n_emb * _linear_bytes(h, h, weight_bytes)
+            + _linear_bytes(h, 2 * h, weight_bytes) + _linear_bytes(h, p.out_channels, weight_bytes))
+
+
+def lora_params(p: FluxParams, rank: int) -> int:
+    """LoRA parameters for the default 'all' target set (every Linear inside the blocks)."""
+    h, m = p.hidden_size, p.mlp_hidden_dim
+    stream = (h + 6 * h) + (h + 3 * h) + (h + h) + (h + m) + (m + h)
+    single = (h + 3 * h + m) + (h + m + h) + (h + 3 * h)
+    return rank * (2 * p.depth * stream + p.depth_single_blocks * single)
+
+
+def largest_layer_bytes(p: FluxParams, weight_bytes: float = 1.0) -> float:
+    h, m = p.hidden_size, p.mlp_hidden_dim
+    return h * max(3 * h + m, 6 * h) * weight_bytes
+
+
+def estimate(p: FluxParams, img_tokens: int, txt_tokens: int, batch: int = 1, rank: int = 16,
+             checkpoint_double: int | None = None, checkpoint_single: int | None = None,
+             resident_bytes: float | None = None, weight_bytes: float = 1.0,
+             fp8_compute: bool = False) -> dict:
+    """Predicted peak allocated bytes, by part. Checkpoint counts default to all blocks;
+    resident_bytes None = every weight resident (no offload)."""
+    cd = p.depth if checkpoint_double is None else checkpoint_double
+    cs = p.depth_single_blocks if checkpoint_single is None else checkpoint_single
+    row = p.hidden_size * 2 * batch            # one token of hidden state, bf16
+    tokens = img_tokens + txt_tokens
+    wd, ws = block_weight_bytes(p, weight_bytes)
+    all_weights = p.depth * wd + p.depth_single_blocks * ws + edge_weight_bytes(p, weight_bytes)
+    largest = largest_layer_bytes(p, weight_bytes)
+    if resident_bytes is None:
+        weights = all_weights
+        streaming = 0.0
+    else:
+        weights = min(all_weights, resident_bytes)
+        streaming = OFFLOAD_BUFFERS * largest
+    lora = lora_params(p, rank) * 16.0
+    saved = row * tokens * (cd * 1 + cs * 1
+                            + (p.depth - cd) * DOUBLE_UNITS
+                            + (p.depth_single_blocks - cs) * SINGLE_UNITS)
+    any_ckpt = cd + cs > 0
+    transient = row * tokens * (TRANSIENT_UNITS + (max(DOUBLE_UNITS, SINGLE_UNITS) if any_ckpt else 0))
+    # The bf16 cast of the largest weight (twice: forward of the next layer may overlap),
+    # or its float8 transposed copy in backward.
+    cast = largest * (1 if fp8_compute else 2 / weight_bytes) * 2
+    subtotal = weights + streaming + lora + saved + transient + cast
+    total = subtotal * (1 + FRAGMENTATION) + FIXED_WORKSPACE
+    return dict(weights=weights, all_weights=all_weights, streaming=streaming, lora=lora,
+                saved_activations=saved, transient=transient, cast=cast,
+                workspace=total - subtotal, total=total)
+
+
+def plan(free_bytes: int, p: FluxParams, img_tokens: int, txt_tokens: int = 512, batch: int = 1,
+         rank: int = 16, fp8_compute: bool = False, offload_available: bool = True,
+         weight_bytes: float = 1.0, headroom: float = 0.04) -> Plan:
+    """The fastest configuration whose predicted peak fits `free_bytes` (less `headroom`,
+    a share kept free for other allocations of the process)."""
+    budget = int(free_bytes * (1 - headroom))
+    kw = dict(img_tokens=img_tokens, txt_tokens=txt_tokens, batch=batch, rank=rank,
+              weight_bytes=weight_bytes, fp8_compute=fp8_compute)
+
+    # 1. Everything resident: un-checkpoint as many blocks as fit, single blocks last
+    #    first (cheapest per block), then double blocks.
+    best = None
+    nd, ns = p.depth, p.depth_single_blocks
+    if estimate(p, checkpoint_double=nd, checkpoint_single=ns, **kw)["total"] <= budget:
+        best = (nd, ns)
+        for cs in range(ns, -1, -1):          # fewer checkpointed single blocks
+            if estimate(p, checkpoint_double=nd, checkpoint_single=cs, **kw)["total"] > budget:
+                break
+            best = (nd, cs)
+        if best[1] == 0:
+            for cd in range(nd, -1, -1):
+                if estimate(p, checkpoint_double=cd, checkpoint_single=0, **kw)["total"] > budget:
+                    break
+                best = (cd, 0)
+        e = estimate(p, checkpoint_double=best[0], checkpoint_single=best[1], **kw)
+        return Plan(best[0], best[1], False, int(e["all_weights"]), int(e["total"]), budget, e)
+
+    # 2. Offload: every block checkpointed, as many weights resident as fit.
+    if not offload_available:
+        e = estimate(p, **kw)
+        raise MemoryPlanError(
+            f"the model needs about {e['total'] / 2**30:.1f} GiB with every block checkpointed, "
+            f"but only {budget / 2**30:.1f} GiB are free and offloading is off; turn offloading "
+            "on, lower the resolution or the batch, or free VRAM")
+    zero = estimate(p, resident_bytes=0, **kw)
+    spare = (budget - zero["total"]) / (1 + FRAGMENTATION)
+    if spare < 0:
+        raise MemoryPlanError(
+            f"even with every block checkpointed and every weight in host memory the step needs "
+            f"about {zero['total'] / 2**30:.1f} GiB, but only {budget / 2**30:.1f} GiB are free: "
+            "lower the resolution, the batch or the LoRA rank, or free VRAM")
+    resident = int(min(spare, zero["all_weights"]))
+    e = estimate(p, resident_bytes=resident, **kw)
+    return Plan(nd, ns, True, resident, int(e["total"]), budget, e)
