@@ -24,7 +24,7 @@ import math
 import zlib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Mapping, NamedTuple, Sequence
+from typing import Mapping, NamedTuple
 
 import torch
 import torch.nn.functional as F
