@@ -38,11 +38,24 @@ def pytest_terminal_summary(terminalreporter):
 
 
 @pytest.fixture(scope="session")
-def comfy_server(tmp_path_factory):
-    """A ComfyUI started on loopback with a throwaway base directory and this pack installed."""
+def _comfy_process(tmp_path_factory):
     base = tmp_path_factory.mktemp("comfyui-base")
-    with ComfyServer(COMFYUI, base) as server:
+    server = ComfyServer(COMFYUI, base)
+    server.launch()
+    try:
         yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def comfy_server(_comfy_process, model_cache) -> ComfyServer:
+    """A ComfyUI started on loopback with a throwaway base directory and this pack installed.
+    It boots while the models are generated."""
+    started = time.monotonic()
+    _comfy_process.wait_until_up()
+    print(f"\n[comfyui] server up ({time.monotonic() - started:.1f} s after the models were ready)")
+    return _comfy_process
 
 
 @dataclass(frozen=True)

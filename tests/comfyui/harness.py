@@ -14,6 +14,7 @@ exit, with its whole process group.
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import shutil
@@ -21,6 +22,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.parse
@@ -36,6 +38,10 @@ HOST = "127.0.0.1"
 
 class ComfyError(RuntimeError):
     """ComfyUI refused a prompt, failed while running it, or did not answer in time."""
+
+
+class ComfyInterrupted(ComfyError):
+    """The prompt stopped because someone called /interrupt."""
 
 
 def find_comfyui() -> Path | None:
@@ -72,6 +78,7 @@ class ComfyServer:
         self.client_id = uuid.uuid4().hex
         self.log_path = self.base_dir / "comfyui.log"
         self.process: subprocess.Popen | None = None
+        self.events: EventListener | None = None
 
     # Folders of the throwaway base directory.
     @property
@@ -94,6 +101,12 @@ class ComfyServer:
         return self.models_dir / folder / name
 
     def start(self) -> "ComfyServer":
+        self.launch()
+        self.wait_until_up()
+        return self
+
+    def launch(self):
+        """Start the process without waiting for it (boot takes ~20 s: do other work meanwhile)."""
         for sub in ("custom_nodes", "input", "output", "temp", "user",
                     *(f"models/{m}" for m in MODEL_FOLDERS)):
             (self.base_dir / sub).mkdir(parents=True, exist_ok=True)
@@ -110,12 +123,14 @@ class ComfyServer:
                                             stdin=subprocess.DEVNULL, env=env, start_new_session=True)
         finally:
             log.close()
+
+    def wait_until_up(self):
         try:
             self._wait_until_up()
+            self.events = EventListener(HOST, self.port, self.client_id)
         except BaseException:
             self.stop()
             raise
-        return self
 
     def _wait_until_up(self):
         deadline = time.monotonic() + self.startup_timeout
@@ -134,6 +149,8 @@ class ComfyServer:
                          f"Log tail:\n{self.log_tail()}")
 
     def stop(self):
+        if self.events is not None:
+            self.events.close()
         proc, self.process = self.process, None
         if proc is None or proc.poll() is not None:
             return
@@ -202,6 +219,11 @@ class ComfyServer:
             if entry and entry.get("status", {}).get("completed") is not None \
                     and entry["status"].get("status_str") in ("success", "error"):
                 if entry["status"]["status_str"] == "error":
+                    interrupted = [d for e, d in entry["status"].get("messages", [])
+                                   if e == "execution_interrupted"]
+                    if interrupted:
+                        raise ComfyInterrupted(f"prompt {prompt_id} was interrupted at node "
+                                               f"{interrupted[0].get('node_id')} ({interrupted[0].get('node_type')})")
                     raise ComfyError(describe_failure(entry))
                 return entry
             if self.process is None or self.process.poll() is not None:
@@ -252,14 +274,101 @@ class ComfyServer:
         return self.log_text()[mark:]
 
 
+class EventListener:
+    """The /ws event stream ComfyUI sends the frontend ("progress", "executing",
+    "executed", and any custom event a node sends with PromptServer.send_sync),
+    read by a small stdlib WebSocket client on a background thread.
+    Binary frames (image previews) are dropped."""
+
+    def __init__(self, host: str, port: int, client_id: str, timeout: float = 10):
+        self.events: list[tuple[str, dict]] = []
+        self._cond = threading.Condition()
+        self._sock = socket.create_connection((host, port), timeout=timeout)
+        key = base64.b64encode(os.urandom(16)).decode()
+        self._sock.sendall((f"GET /ws?clientId={client_id} HTTP/1.1\r\nHost: {host}:{port}\r\n"
+                            f"Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
+                            "Sec-WebSocket-Version: 13\r\n\r\n").encode())
+        self._buf = b""
+        while b"\r\n\r\n" not in self._buf:
+            self._buf += self._recv()
+        head, self._buf = self._buf.split(b"\r\n\r\n", 1)
+        if b" 101 " not in head.split(b"\r\n", 1)[0]:
+            raise ComfyError(f"/ws refused the WebSocket upgrade: {head[:200]!r}")
+        self._sock.settimeout(None)
+        self._thread = threading.Thread(target=self._read_loop, daemon=True, name="comfy-ws")
+        self._thread.start()
+
+    def _recv(self) -> bytes:
+        chunk = self._sock.recv(65536)
+        if not chunk:
+            raise ConnectionError("ComfyUI closed the WebSocket")
+        return chunk
+
+    def _read(self, n: int) -> bytes:
+        while len(self._buf) < n:
+            self._buf += self._recv()
+        out, self._buf = self._buf[:n], self._buf[n:]
+        return out
+
+    def _read_loop(self):
+        message, kind = b"", None
+        try:
+            while True:
+                b0, b1 = self._read(2)
+                opcode, length = b0 & 0x0F, b1 & 0x7F
+                if length == 126:
+                    length = int.from_bytes(self._read(2), "big")
+                elif length == 127:
+                    length = int.from_bytes(self._read(8), "big")
+                payload = self._read(length)  # server frames are never masked
+                if opcode == 8:
+                    return
+                if opcode in (1, 2):
+                    message, kind = payload, opcode
+                elif opcode == 0:
+                    message += payload
+                else:
+                    continue  # ping/pong: aiohttp does not require answers from us
+                if b0 & 0x80 and kind == 1:
+                    data = json.loads(message)
+                    with self._cond:
+                        self.events.append((data.get("type"), data.get("data")))
+                        self._cond.notify_all()
+        except (OSError, ConnectionError, ValueError):
+            return
+
+    def of_type(self, event_type: str) -> list[dict]:
+        with self._cond:
+            return [d for t, d in self.events if t == event_type]
+
+    def wait_for(self, predicate, timeout: float = 60) -> tuple[str, dict]:
+        """The first event (type, data) for which predicate(type, data) holds, seen or yet to come."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                for event in self.events:
+                    if predicate(*event):
+                        return event
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise ComfyError(f"no matching WebSocket event within {timeout:.0f} s; "
+                                     f"saw {[t for t, _ in self.events][-20:]}")
+                self._cond.wait(left)
+
+    def close(self):
+        try:
+            self._sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self._sock.close()
+
+
 def describe_failure(entry: dict) -> str:
     for event, data in entry.get("status", {}).get("messages", []):
         if event == "execution_error":
             trace = "".join(data.get("traceback", []))
             return (f"node {data.get('node_id')} ({data.get('node_type')}) failed: "
                     f"{data.get('exception_type')}: {data.get('exception_message')}\n{trace}")
-        if event == "execution_interrupted":
-            return f"interrupted at node {data.get('node_id')} ({data.get('node_type')})"
     return f"prompt failed: {json.dumps(entry.get('status'), indent=1)}"
 
 

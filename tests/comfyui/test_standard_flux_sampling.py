@@ -6,9 +6,10 @@ models are broken, not the pack."""
 import time
 
 import numpy as np
+import pytest
 from PIL import Image
 
-from .harness import flux_dev_graph
+from .harness import ComfyInterrupted, flux_dev_graph
 
 
 def test_flux_dev_graph_samples_a_finite_nonconstant_image(comfy_server, comfy_models):
@@ -27,5 +28,19 @@ def test_flux_dev_graph_samples_a_finite_nonconstant_image(comfy_server, comfy_m
     assert pixels.std() > 1.0, "the decoded image is constant: a model produced no signal"
 
     log = comfy_server.log_since(mark)
-    for sign in ("missing", "unexpected", "NaN", "Traceback"):
+    for sign in ("missing", "unexpected", "NaN", "invalid value", "Traceback"):
         assert sign.lower() not in log.lower(), f"ComfyUI's log mentions {sign!r}:\n{log}"
+
+
+def test_progress_reaches_the_websocket_and_interrupt_stops_sampling(comfy_server, comfy_models):
+    graph = flux_dev_graph(comfy_models.flux, comfy_models.clip_l, comfy_models.vae,
+                           steps=200, size=64, seed=1, prefix="interrupted")
+    prompt_id = comfy_server.queue(graph)
+    comfy_server.events.wait_for(
+        lambda kind, data: kind == "progress" and data.get("prompt_id") == prompt_id and data["value"] >= 1,
+        timeout=120)
+    comfy_server.interrupt()
+    with pytest.raises(ComfyInterrupted):
+        comfy_server.wait(prompt_id, timeout=60)
+    steps = [d["value"] for d in comfy_server.events.of_type("progress") if d.get("prompt_id") == prompt_id]
+    assert 1 <= max(steps) < 200
