@@ -120,7 +120,8 @@ class ComfyServer:
         log = open(self.log_path, "ab")
         try:
             self.process = subprocess.Popen(cmd, cwd=self.comfyui, stdout=log, stderr=subprocess.STDOUT,
-                                            stdin=subprocess.DEVNULL, env=env, start_new_session=True)
+                                            stdin=subprocess.DEVNULL, env=env, start_new_session=True,
+                                            preexec_fn=_die_with_parent)
         finally:
             log.close()
 
@@ -266,6 +267,13 @@ class ComfyServer:
     def log_tail(self, lines: int = 60) -> str:
         return "\n".join(self.log_text().splitlines()[-lines:])
 
+    def pack_import_failure(self) -> str | None:
+        """The log lines where ComfyUI says it could not import this pack, or None."""
+        log = self.log_text()
+        if f"(IMPORT FAILED): {self.pack_link}" not in log:
+            return None
+        return "\n".join(line for line in log.splitlines() if PACK_NAME in line or "Error" in line)
+
     def log_mark(self) -> int:
         """Position in the log; `log_since(mark)` gives what a run added."""
         return len(self.log_text())
@@ -361,6 +369,21 @@ class EventListener:
         except OSError:
             pass
         self._sock.close()
+
+
+def _die_with_parent():
+    """Linux: the server gets SIGKILL if the test process dies without cleaning up."""
+    try:
+        import ctypes
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def lora_keys_not_loaded(log: str) -> list[str]:
+    """Keys of a LoRA file ComfyUI could not map onto the model: each is a failed LoRA."""
+    marker = "lora key not loaded: "
+    return [line.split(marker, 1)[1].strip() for line in log.splitlines() if marker in line]
 
 
 def describe_failure(entry: dict) -> str:

@@ -8,24 +8,25 @@ No machine here can download weights, so the integration suite writes its own:
 - a 16-channel VAE in the layout of the original Flux `ae.safetensors`
   (`encoder.down.N.block.M...`, no `quant_conv`): ComfyUI's VAE detection then
   builds its Flux VAE (ch 128, ch_mult 1,2,4,4, two res blocks, z 16);
-- a Flux transformer with ComfyUI's fixed hidden size 3072 (24 heads of 128) but
+- a Flux transformer (fluxtrain.synthetic's random weights) with ComfyUI's fixed hidden size 3072 (24 heads of 128) but
   one double and one single block and 768-wide text and pooled inputs, so the
   CLIP-L above feeds both `txt_in` and `vector_in`.
 
-Keys and shapes are written out here rather than borrowed from transformers or
-ComfyUI, so the files do not depend on either library's version. Scales are
-1/sqrt(fan_in) with unit norms, which keeps every activation finite.
+The encoder and VAE keys are written out here rather than borrowed from
+transformers or ComfyUI, so the files do not depend on either library's version.
+Scales are 1/sqrt(fan_in) with unit norms, which keeps every activation finite.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable, Mapping
+from typing import Mapping
 
 import torch
 from safetensors.torch import save_file
 
 from fluxtrain.params import FluxParams, expected_shapes
+from fluxtrain.synthetic import random_state_dict
 
 # The smallest Flux ComfyUI accepts: its detection fixes 24 heads and RoPE axes (16, 56, 56).
 COMFY_TEST_FLUX = FluxParams(hidden_size=3072, num_heads=24, depth=1, depth_single_blocks=1,
@@ -136,15 +137,6 @@ def random_tensors(shapes: Mapping[str, tuple[int, ...]], seed: int, dtype: torc
     return out
 
 
-def flux_state_dict(seed: int, dtype: torch.dtype, params: FluxParams = COMFY_TEST_FLUX) -> dict[str, torch.Tensor]:
-    """The engine's synthetic writer when it exists, else the same layout built here."""
-    try:
-        from fluxtrain.synthetic import random_state_dict
-    except ImportError:
-        return random_tensors(expected_shapes(params), seed, dtype)
-    return random_state_dict(params, seed, dtype)
-
-
 def write_clip_l(path: Path, seed: int = 1, dtype: torch.dtype = torch.float16) -> Path:
     return _write(path, random_tensors(clip_l_shapes(), seed, dtype))
 
@@ -154,9 +146,10 @@ def write_flux_vae(path: Path, seed: int = 2, dtype: torch.dtype = torch.float16
 
 
 def write_flux(path: Path, seed: int = 0, dtype: torch.dtype = torch.float8_e4m3fn,
-               state_dict: Callable[[int, torch.dtype], dict] = flux_state_dict) -> Path:
-    """About 0.54 B parameters: 0.54 GB as float8, twice that as bf16."""
-    return _write(path, state_dict(seed, dtype))
+               params: FluxParams = COMFY_TEST_FLUX) -> Path:
+    """The engine's random Flux (plain float8 like the released Dev2Pro file):
+    about 0.54 B parameters, 0.54 GB as float8, twice that as bf16."""
+    return _write(path, random_state_dict(params, seed, dtype))
 
 
 def _write(path: Path, tensors: dict[str, torch.Tensor]) -> Path:
@@ -166,3 +159,31 @@ def _write(path: Path, tensors: dict[str, torch.Tensor]) -> Path:
     save_file(tensors, str(tmp))
     tmp.replace(path)
     return path
+
+
+def write_raw_lora(path: Path, style: str, seed: int = 3, rank: int = 4,
+                   modules=("double_blocks.0.img_attn.qkv", "single_blocks.0.linear1"),
+                   extra: Mapping[str, torch.Tensor] | None = None,
+                   params: FluxParams = COMFY_TEST_FLUX) -> Path:
+    """A LoRA for the test Flux written by hand in one of the two key styles ComfyUI
+    reads for Flux: "kohya" (`lora_unet_<name_with_underscores>.lora_down/lora_up/alpha`)
+    or "lora_A" (`diffusion_model.<bfl name>.lora_A/lora_B/alpha`). The same seed gives
+    the same tensors in both styles. Independent of the engine's lora.py on purpose."""
+    shapes = expected_shapes(params)
+    gen = torch.Generator().manual_seed(seed)
+    out = {}
+    for module in modules:
+        out_f, in_f = shapes[f"{module}.weight"]
+        down = torch.randn(rank, in_f, generator=gen) / in_f ** 0.5
+        up = torch.randn(out_f, rank, generator=gen)  # strong: gates of a random Flux are small
+        if style == "kohya":
+            name = "lora_unet_" + module.replace(".", "_")
+            out[f"{name}.lora_down.weight"], out[f"{name}.lora_up.weight"] = down, up
+        elif style == "lora_A":
+            name = f"diffusion_model.{module}"
+            out[f"{name}.lora_A.weight"], out[f"{name}.lora_B.weight"] = down, up
+        else:
+            raise ValueError(f"unknown LoRA key style {style!r}: use 'kohya' or 'lora_A'")
+        out[f"{name}.alpha"] = torch.tensor(float(rank))
+    out.update(extra or {})
+    return _write(path, {k: v.to(torch.bfloat16) for k, v in out.items()})
