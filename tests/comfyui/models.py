@@ -162,7 +162,7 @@ def _write(path: Path, tensors: dict[str, torch.Tensor]) -> Path:
 
 
 def write_raw_lora(path: Path, style: str, seed: int = 3, rank: int = 4,
-                   modules=("double_blocks.0.img_attn.qkv", "single_blocks.0.linear1"),
+                   modules=("double_blocks.0.img_attn.qkv", "single_blocks.0.linear1", "final_layer.linear"),
                    extra: Mapping[str, torch.Tensor] | None = None,
                    params: FluxParams = COMFY_TEST_FLUX) -> Path:
     """A LoRA for the test Flux written by hand in one of the two key styles ComfyUI
