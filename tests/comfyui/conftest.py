@@ -4,6 +4,7 @@ loudly; the rest of the suite runs as usual."""
 
 from __future__ import annotations
 
+import shutil
 import time
 import warnings
 from dataclasses import dataclass
@@ -76,14 +77,17 @@ def model_cache(tmp_path_factory):
     models.write_clip_l(cache / names.clip_l)
     models.write_flux_vae(cache / names.vae)
     print(f"\n[comfyui] generated test models in {time.monotonic() - started:.1f} s")
-    return cache
+    yield cache
+    shutil.rmtree(cache, ignore_errors=True)  # ~1 GB; pytest keeps the last 3 session folders
 
 
 @pytest.fixture(scope="session")
 def comfy_models(comfy_server, model_cache) -> ModelNames:
     """The random Flux, CLIP-L and VAE, placed in the server's model folders."""
     names = ModelNames()
-    for folder, name in (("diffusion_models", names.flux), ("text_encoders", names.clip_l),
-                         ("vae", names.vae)):
-        copy_into(model_cache / name, comfy_server.model_path(folder, name))
-    return names
+    placed = [copy_into(model_cache / name, comfy_server.model_path(folder, name))
+              for folder, name in (("diffusion_models", names.flux), ("text_encoders", names.clip_l),
+                                   ("vae", names.vae))]
+    yield names
+    for path in placed:
+        path.unlink(missing_ok=True)

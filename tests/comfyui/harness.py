@@ -10,6 +10,10 @@ The base directory gets its own custom_nodes/ (this pack linked in), models/,
 input/, output/, temp/ and user/, and the database lives in memory, so a run
 leaves nothing behind in the ComfyUI checkout. The server is always killed on
 exit, with its whole process group.
+
+ComfyUI is found through COMFYUI_PATH or the custom_nodes/ folder this pack sits
+in; it runs under COMFYUI_PYTHON, else <ComfyUI>/venv or .venv, else the Python
+running the tests (which then needs ComfyUI's requirements).
 """
 
 from __future__ import annotations
@@ -58,6 +62,18 @@ def find_comfyui() -> Path | None:
     return None
 
 
+def comfyui_python(comfyui: Path) -> str:
+    """COMFYUI_PYTHON, else a venv inside the ComfyUI checkout, else the Python running the tests."""
+    env = os.environ.get("COMFYUI_PYTHON")
+    if env:
+        return env
+    for venv in ("venv", ".venv"):
+        candidate = Path(comfyui) / venv / "bin" / "python"
+        if candidate.is_file():
+            return str(candidate)
+    return sys.executable
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind((HOST, 0))
@@ -69,7 +85,7 @@ class ComfyServer:
                  pack_dir: Path = PACK_DIR, startup_timeout: float = 240, extra_args=()):
         self.comfyui = Path(comfyui)
         self.base_dir = Path(base_dir)
-        self.python = python or os.environ.get("COMFYUI_PYTHON") or sys.executable
+        self.python = python or comfyui_python(self.comfyui)
         self.pack_dir = Path(pack_dir)
         self.startup_timeout = startup_timeout
         self.extra_args = list(extra_args)
