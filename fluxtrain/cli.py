@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    print(f"[fluxtrain] base {info.name}: {info.format}, {info.weight_dtype}, "
+    print(f"[fluxtrain] base {info.name}: {info.format}, {info.dtype}, "
           f"{info.params.depth}+{info.params.depth_single_blocks} blocks; dataset {len(dataset)} samples")
     args.lora.parent.mkdir(parents=True, exist_ok=True)
     base = {"name": info.name, "hash": content_hash(args.base), "variant": info.variant}

@@ -50,7 +50,7 @@ class TrainConfig:
     warmup_steps: int = setting(0, "steps of linear learning-rate warm-up", min=0, max=100_000)
     max_grad_norm: float = setting(1.0, "gradient clipping norm; 0 turns clipping off", min=0.0, max=1000.0)
     rank: int = setting(16, "LoRA rank (dimension of the low-rank update)", min=1, max=512)
-    alpha: float = setting(16.0, "LoRA alpha; the update is scaled by alpha / rank", min=0.0, max=1024.0)
+    alpha: float = setting(16.0, "LoRA alpha; the update is scaled by alpha / rank", min=0.01, max=1024.0)
     dropout: float = setting(0.0, "dropout on the LoRA input during training", min=0.0, max=0.9)
     targets: str = setting("all", "layers that get a LoRA: all (304 on Flux), attention, mlp, "
                            "single_blocks, or ranges like 'double:0-7,single:10-20'")

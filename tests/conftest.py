@@ -18,3 +18,14 @@ TINY_1x1 = dataclasses.replace(TINY, hidden_size=96, num_heads=3, context_in_dim
 def tiny_sd():
     """Random TINY Flux in BFL keys, float32. Shared: do not modify it."""
     return random_state_dict(TINY, seed=0)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _one_cpu_thread():
+    """The test models are tiny: one thread is fastest, and it keeps the suite from
+    oversubscribing a 2-core machine when other work runs beside it."""
+    import torch
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

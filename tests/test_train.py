@@ -1,0 +1,248 @@
+"""The training loop: guidance fed 1.0, exact resume, LoRA recovery, errors, the CLI."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from fluxtrain import cli
+from fluxtrain.dataset import EncodedDataset, EncodedDatasetWriter
+from fluxtrain.flux import Flux
+from fluxtrain.lora import LoRAConfig, adapter_deltas, attach_lora, load_lora_file, lora_deltas
+from fluxtrain.params import TINY
+from fluxtrain.synthetic import write_bfl
+from fluxtrain.train import (TrainConfig, TrainingDiverged, flow_inputs, learning_rate_at, train,
+                             velocity_loss)
+
+TEXT_LENGTH = 8
+
+
+def tiny_model(tiny_sd) -> Flux:
+    model = Flux(TINY)
+    model.load_state_dict(tiny_sd)
+    return model
+
+
+def make_dataset(folder, seed=0, buckets=((4, 4), (4, 6)), per_bucket=3) -> EncodedDataset:
+    """Random encoded samples in two buckets (latent sizes in latent pixels)."""
+    g = torch.Generator().manual_seed(seed)
+    with EncodedDatasetWriter(folder, resolution=64, encoders={"vae": "random", "text": "random"}) as w:
+        w.set_empty_caption(torch.randn(TEXT_LENGTH, TINY.context_in_dim, generator=g),
+                            torch.randn(TINY.vec_in_dim, generator=g))
+        for h, wd in buckets:
+            for i in range(per_bucket):
+                w.add(torch.randn(16, h, wd, generator=g),
+                      torch.randn(TEXT_LENGTH, TINY.context_in_dim, generator=g),
+                      torch.randn(TINY.vec_in_dim, generator=g), f"sample {h}x{wd} {i}")
+    return EncodedDataset.open(folder)
+
+
+def cpu_config(**overrides) -> TrainConfig:
+    settings = dict(steps=6, learning_rate=1e-3, rank=4, alpha=4.0, compute_dtype="float32",
+                    checkpoint_every=0, seed=3)
+    settings.update(overrides)
+    return TrainConfig(**settings)
+
+
+@pytest.fixture
+def dataset(tmp_path):
+    return make_dataset(tmp_path / "data")
+
+
+@pytest.mark.parametrize("guidance", [1.0, 3.5])
+def test_guidance_embedding_receives_exactly_the_configured_value(tiny_sd, dataset, tmp_path, guidance):
+    model = tiny_model(tiny_sd)
+    seen = []
+    model.guidance_in.register_forward_pre_hook(lambda module, args: seen.append(args[0].clone()))
+    config = cpu_config(steps=4, batch_size=2, guidance=guidance)
+    train(model, dataset, config, tmp_path / "run", log=lambda _: None)
+    values = torch.cat(seen)
+    assert len(seen) == 4 and values.numel() > 4       # every step, batches of 1 and 2 samples
+    assert torch.equal(values, torch.full_like(values, guidance))
+
+
+def test_default_guidance_is_one():
+    assert TrainConfig().guidance == 1.0
+
+
+def run_losses(tiny_sd, dataset, run_dir, config, stop_after=None):
+    model = tiny_model(tiny_sd)
+    done = []
+
+    def should_stop():
+        return stop_after is not None and len(done) >= stop_after
+
+    result = train(model, dataset, config, run_dir, on_step=lambda r: done.append(r.loss),
+                   should_stop=should_stop, log=lambda _: None)
+    adapters = {name: m.lora for name, m in model.named_modules() if getattr(m, "lora", None) is not None}
+    return result, adapter_deltas(adapters)
+
+
+def test_resumed_run_equals_uninterrupted_run_bitwise(tiny_sd, dataset, tmp_path):
+    # Dropout, caption dropout and accumulation all draw random numbers: each must resume exactly.
+    config = cpu_config(steps=7, dropout=0.1, caption_dropout=0.3, grad_accum=2,
+                        lr_schedule="cosine", warmup_steps=2)
+    straight, straight_deltas = run_losses(tiny_sd, dataset, tmp_path / "straight", config)
+
+    first, _ = run_losses(tiny_sd, dataset, tmp_path / "resumed", config, stop_after=3)
+    assert first.cancelled and first.steps_done == 3 and len(first.losses) == 3
+    resumed, resumed_deltas = run_losses(tiny_sd, dataset, tmp_path / "resumed", config)
+
+    assert not resumed.cancelled
+    assert resumed.losses == straight.losses                   # bitwise: list of Python floats
+    assert straight_deltas.keys() == resumed_deltas.keys()
+    for name in straight_deltas:
+        assert torch.equal(straight_deltas[name], resumed_deltas[name]), name
+    assert straight.losses[-1] != straight.losses[0]
+
+
+def test_resume_with_other_settings_is_refused(tiny_sd, dataset, tmp_path):
+    run_losses(tiny_sd, dataset, tmp_path / "run", cpu_config(steps=4), stop_after=2)
+    with pytest.raises(ValueError, match=r"learning_rate: saved 0.001, now 0.002"):
+        run_losses(tiny_sd, dataset, tmp_path / "run", cpu_config(steps=4, learning_rate=2e-3))
+
+
+def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_checkpoint(tiny_sd, dataset, tmp_path):
+    model = tiny_model(tiny_sd)
+    calls = []
+
+    def poison(module, args, output):   # the 4th forward returns NaN
+        calls.append(1)
+        return output * float("nan") if len(calls) == 4 else output
+
+    model.final_layer.register_forward_hook(poison)
+    with pytest.raises(TrainingDiverged, match=r"at step 4.*step-000002"):
+        train(model, dataset, cpu_config(steps=6, checkpoint_every=2), tmp_path / "run",
+              log=lambda _: None)
+    latest = json.loads((tmp_path / "run" / "latest.json").read_text())
+    assert latest["step"] == 2
+
+
+def test_lora_recovers_a_known_low_rank_delta(tiny_sd, dataset):
+    """Target = base + a random rank-4 delta on the attention layers. Trained on the target's
+    velocities, a rank-4 LoRA from zero must close >= 90% of the base-target gap on
+    held-out noise and timesteps."""
+    rank = 4
+    lora_config = LoRAConfig(rank=rank, alpha=rank, targets="attention")
+    base, target = tiny_model(tiny_sd), tiny_model(tiny_sd)
+    g = torch.Generator().manual_seed(11)
+    for name, adapter in attach_lora(target, lora_config, seed=5).items():
+        with torch.no_grad():   # a known random low-rank delta, about the weight's own scale
+            weight = target.get_submodule(name).weight
+            adapter.up.copy_(torch.randn(adapter.up.shape, generator=g)
+                             * weight.std() * weight.shape[1] ** 0.5 / rank ** 0.5)
+    target.requires_grad_(False)
+    config = cpu_config(steps=800, learning_rate=1e-2, lr_schedule="cosine", timestep_sampling="uniform")
+    buckets = [[dataset[i] for i in range(len(dataset)) if dataset.samples[i].bucket == b]
+               for b in sorted({s.bucket for s in dataset.samples})]
+
+    def batches(seed, count):
+        gen = torch.Generator().manual_seed(seed)
+        for k in range(count):
+            group = buckets[k % len(buckets)]
+            batch = {key: torch.stack([s[key] for s in group]) for key in ("latent", "t5", "clip")}
+            inputs, _ = flow_inputs(batch, config, gen)
+            with torch.no_grad():
+                wanted = target(**inputs)
+            yield inputs, wanted
+
+    def gap(model):
+        with torch.no_grad():
+            return sum(velocity_loss(model(**x), y, config).item() for x, y in batches(999, 16))
+
+    adapters = attach_lora(base, lora_config, seed=0)
+    before = gap(base)
+    params = [p for a in adapters.values() for p in a.parameters()]
+    optimizer = torch.optim.AdamW(params, lr=config.learning_rate)
+    for step, (x, y) in enumerate(batches(1, config.steps)):
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate_at(config, step)
+        velocity_loss(base(**x), y, config).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    after = gap(base)
+    assert before > 1e-3
+    assert after <= 0.1 * before, f"gap {before:.5f} -> {after:.5f}: only {1 - after / before:.0%} closed"
+
+
+def test_loss_goes_down_on_a_small_dataset(tiny_sd, tmp_path):
+    """Memorising 2 samples: the mean loss of the last steps is well below the first ones."""
+    data = make_dataset(tmp_path / "data", buckets=((4, 4),), per_bucket=2)
+    result, _ = run_losses(tiny_sd, data, tmp_path / "run",
+                           cpu_config(steps=120, learning_rate=3e-3, rank=8, alpha=8.0,
+                                      timestep_sampling="uniform"))
+    first, last = sum(result.losses[:20]) / 20, sum(result.losses[-20:]) / 20
+    assert last < 0.8 * first, (first, last)
+
+
+def test_lora_file_carries_the_recipe_and_reads_back(tiny_sd, dataset, tmp_path):
+    model = tiny_model(tiny_sd)
+    lora_path = tmp_path / "loras" / "run.safetensors"
+    result = train(model, dataset, cpu_config(steps=3), tmp_path / "run", lora_path=lora_path,
+                   base_metadata={"name": "flux-dev2pro-fp8.safetensors", "hash": "abc", "variant": "dev2pro"},
+                   log=lambda _: None)
+    deltas = lora_deltas(lora_path, TINY)
+    _, metadata = load_lora_file(lora_path)
+    adapters = {name: m.lora for name, m in model.named_modules() if getattr(m, "lora", None) is not None}
+    expected = adapter_deltas(adapters)
+    assert deltas.keys() == expected.keys()
+    for name, delta in expected.items():    # the file is bf16: compare at bf16 precision
+        torch.testing.assert_close(deltas[name], delta, rtol=2e-2, atol=1e-5)
+    assert json.loads(metadata["guidance"]) == 1.0
+    assert metadata["base_model"] == "flux-dev2pro-fp8.safetensors"
+    assert json.loads(metadata["training"])["steps"] == 3
+    assert json.loads(metadata["dataset_size"]) == len(dataset)
+    assert str(tmp_path) not in json.dumps(metadata)
+    assert result.lora_path == lora_path
+
+
+@pytest.mark.parametrize("step,expected", [(0, 0.25), (3, 1.0), (4, 1.0), (10, 0.5), (16, 0.0)])
+def test_cosine_schedule_with_warmup(step, expected):
+    config = TrainConfig(steps=16, learning_rate=1.0, warmup_steps=4, lr_schedule="cosine")
+    # after warm-up: 0.5 * (1 + cos(pi * (step - 4) / 12))
+    reference = (step + 1) / 4 if step < 4 else 0.5 * (1 + math.cos(math.pi * (step - 4) / 12))
+    assert learning_rate_at(config, step) == pytest.approx(reference)
+    assert learning_rate_at(config, step) == pytest.approx(expected, abs=1e-12)
+
+
+@pytest.mark.parametrize("bad,message", [
+    (dict(optimizer="sgd"), "optimizer 'sgd' is not one of adamw, adafactor"),
+    (dict(timestep_sampling="sigma"), "timestep_sampling 'sigma' is not one of"),
+    (dict(caption_dropout=1.5), "caption_dropout must be between 0.0 and 0.99, got 1.5"),
+])
+def test_bad_settings_are_named(bad, message):
+    with pytest.raises(ValueError, match=message):
+        TrainConfig(**bad)
+
+
+def test_adafactor_trains(tiny_sd, dataset, tmp_path):
+    result, deltas = run_losses(tiny_sd, dataset, tmp_path / "run", cpu_config(steps=3, optimizer="adafactor"))
+    assert any(d.abs().sum() > 0 for d in deltas.values())
+
+
+def test_cli_trains_from_a_float8_checkpoint_and_resumes(tiny_sd, dataset, tmp_path, capsys):
+    base = tmp_path / "models" / "flux-dev2pro-fp8.safetensors"
+    base.parent.mkdir()
+    write_bfl(tiny_sd, base, dtype=torch.float8_e4m3fn, prefix="model.diffusion_model.")
+    lora = tmp_path / "out" / "lora.safetensors"
+    argv = ["--base", str(base), "--dataset", str(dataset.folder), "--lora", str(lora),
+            "--run-dir", str(tmp_path / "run"), "--steps", "3", "--rank", "4",
+            "--compute-dtype", "float32", "--device", "cpu"]
+    assert cli.main(argv) == 0
+    assert lora.exists()
+    out = capsys.readouterr().out
+    assert "step 3/3" in out and "float8_e4m3fn" in out
+    argv[argv.index("--steps") + 1] = "5"
+    assert cli.main(argv) == 0                          # more steps: resumes at 3
+    out = capsys.readouterr().out
+    assert "resuming run at step 3/5" in out and "step 4/5" in out and "step 1/5" not in out
+
+
+def test_cli_reports_bad_input_without_a_traceback(tmp_path, capsys):
+    argv = ["--base", str(tmp_path / "missing.safetensors"), "--dataset", str(tmp_path),
+            "--lora", str(tmp_path / "l.safetensors"), "--run-dir", str(tmp_path / "r")]
+    assert cli.main(argv) == 2
+    assert "missing.safetensors" in capsys.readouterr().err
