@@ -4,10 +4,11 @@ ComfyUI imports this folder as a package. The engine (fluxtrain/) knows nothing
 of ComfyUI; nodes/ adapts it to ComfyUI's types; js/ is the frontend extension.
 """
 
+import importlib.util
+
 WEB_DIRECTORY = "./js"
 
-try:  # ComfyUI present: register the nodes through the V3 entry point.
+# Inside ComfyUI, register the nodes through the V3 entry point. Outside it (tests,
+# headless use) there is nothing to register; any other import error is real and shows.
+if importlib.util.find_spec("comfy_api") is not None:
     from .nodes import comfy_entrypoint  # noqa: F401
-except ImportError as error:  # pragma: no cover - only outside ComfyUI
-    if "comfy" not in str(error):
-        raise
