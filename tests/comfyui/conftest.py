@@ -18,23 +18,22 @@ from . import models
 COMFYUI = find_comfyui()
 NOT_FOUND = ("ComfyUI not found: set COMFYUI_PATH to a ComfyUI checkout; "
              "the ComfyUI integration suite was SKIPPED")
-
-
 HERE = Path(__file__).parent
+_skipped: list = []
 
 
 def pytest_collection_modifyitems(config, items):
     if COMFYUI is not None:
         return
-    mine = [item for item in items if HERE in Path(str(item.path)).parents]
-    if mine:
+    _skipped[:] = [item for item in items if HERE in Path(str(item.path)).parents]
+    if _skipped:
         warnings.warn(pytest.PytestWarning(NOT_FOUND))
-    for item in mine:
+    for item in _skipped:
         item.add_marker(pytest.mark.skip(reason=NOT_FOUND))
 
 
 def pytest_terminal_summary(terminalreporter):
-    if COMFYUI is None:
+    if _skipped:
         terminalreporter.write_sep("!", NOT_FOUND, red=True, bold=True)
 
 
