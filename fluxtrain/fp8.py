@@ -22,7 +22,6 @@ weight is float8_e4m3fn, and only where the device supports it; passing
 from __future__ import annotations
 
 import logging
-import os
 
 import torch
 
@@ -57,35 +56,15 @@ def tensor_scale(x: torch.Tensor, fp8_dtype: torch.dtype) -> torch.Tensor:
     return amax / FP8_MAX[fp8_dtype]
 
 
-def _quantize_impl(x: torch.Tensor, fp8_dtype: torch.dtype):
+def quantize(x: torch.Tensor, fp8_dtype: torch.dtype = E4M3):
+    """(q, scale) with q in `fp8_dtype` and x ~= q.float() * scale.
+
+    Plain torch ops: under torch.compile (the blocks compiled) they fuse into the
+    neighbouring kernels; eager they cost a few passes over x."""
     scale = tensor_scale(x, fp8_dtype)
     m = FP8_MAX[fp8_dtype]
     q = (x.float() / scale).clamp(-m, m).to(fp8_dtype)
     return q, scale
-
-
-_quantize_compiled = None
-_compile_failed = False
-
-
-def quantize(x: torch.Tensor, fp8_dtype: torch.dtype = E4M3):
-    """(q, scale) with q in `fp8_dtype` and x ~= q.float() * scale.
-
-    On CUDA the two passes (absolute max, scale+cast) are fused by torch.compile
-    when Triton is there (eager it takes several passes over the tensor, which at
-    1024^2 costs ~0.1 s a step); FLUXTRAIN_FP8_COMPILE=0 turns that off."""
-    global _quantize_compiled, _compile_failed
-    if x.device.type == "cuda" and not _compile_failed and os.environ.get(
-            "FLUXTRAIN_FP8_COMPILE", "1") != "0":
-        if _quantize_compiled is None:
-            _quantize_compiled = torch.compile(_quantize_impl, dynamic=True)
-        try:
-            return _quantize_compiled(x, fp8_dtype)
-        except Exception as e:  # no Triton (Windows), old compiler, ...
-            _compile_failed = True
-            log.warning("fluxtrain: float8 quantisation runs unfused (torch.compile failed: %s)",
-                        str(e).splitlines()[0] if str(e) else type(e).__name__)
-    return _quantize_impl(x, fp8_dtype)
 
 
 def _as_2d(x: torch.Tensor):
