@@ -130,7 +130,7 @@ def random_fp8_model(params, device, seed: int = 0, host: bool = False):
 
 def run_config(cfg: dict) -> dict:
     offload_kind = cfg.get("offload", "none")
-    if offload_kind == "aimdo":
+    if offload_kind == "aimdo" or cfg["mode"] == "auto":
         from fluxtrain import offload as _offload
         _offload.init_aimdo()      # before torch touches the device: aimdo hooks the driver
     import resource
@@ -192,10 +192,19 @@ def run_config(cfg: dict) -> dict:
     offloader = None
     if host:
         from fluxtrain import offload
-        resident = plan.resident_bytes if plan is not None else cfg.get("resident_gb", 0) * 1e9
-        offloader = offload.install(model, device, prefer=offload_kind,
-                                    resident_bytes=int(resident) if cfg.get("resident_gb") is not None
-                                    or plan is not None else None)
+        if cfg.get("resident_gb") is not None:
+            resident = int(cfg["resident_gb"] * 1e9)
+        else:  # what the planner would keep resident with this much free VRAM
+            resident = (plan or memory.plan(free_at_start, params, img_tokens=img_tokens,
+                                            txt_tokens=txt_tokens, rank=cfg["rank"],
+                                            fp8_compute=cfg["compute"] == "fp8",
+                                            offload_available=True)).resident_bytes
+        offloader = offload.install(model, device, prefer=offload_kind, resident_bytes=resident)
+    if cfg.get("compile"):
+        import torch._dynamo
+        torch._dynamo.config.cache_size_limit = max(64, torch._dynamo.config.cache_size_limit)
+        for block in (*model.double_blocks, *model.single_blocks):
+            block.compile()
     n_fp8 = fp8.enable_fp8_compute(model, device, enabled=cfg["compute"] == "fp8")
     lora_params = [p for a in adapters.values() for p in a.parameters()]
     optimizer = _make_optimizer(config, lora_params, device)
@@ -253,8 +262,13 @@ def run_config(cfg: dict) -> dict:
                device=name, torch=torch.__version__,
                plan=plan.to_dict() if plan is not None else None,
                offload_stats=offloader.stats() if offloader is not None else None)
-    if plan is not None:
-        out["predicted_peak_gib"] = plan.predicted_peak / 2**30
+    est = memory.estimate(params, img_tokens, txt_tokens, rank=cfg["rank"],
+                          checkpoint_double=model.checkpointed_double,
+                          checkpoint_single=model.checkpointed_single,
+                          resident_bytes=(offloader.stats()["resident_bytes"] if offloader else None),
+                          fp8_compute=cfg["compute"] == "fp8")
+    out["predicted_peak_gib"] = est["total"] / 2**30
+    out["predicted"] = {k: v / 2**30 for k, v in est.items()}
     return out
 
 
@@ -292,7 +306,7 @@ def configs_from_args(args) -> list[dict]:
                 out.append(dict(resolution=res, mode=mode, compute=compute, rank=args.rank,
                                 steps=args.steps, warmup=args.warmup, offload=args.offload,
                                 free_gb=args.free_gb, t5_len=args.t5_len,
-                                device=args.device, tiny=args.tiny))
+                                device=args.device, tiny=args.tiny, compile=args.compile))
     return out
 
 
@@ -313,19 +327,52 @@ def run_child(cfg: dict, timeout: float) -> dict:
     return res
 
 
-def table(results: list[dict]) -> str:
-    rows = ["res  mode compute offload free | s/step   MFU   TFLOP/s | alloc  resvd GiB | RSS GiB"]
+def compare_grads(results: list[dict]) -> None:
+    """Configurations sharing a grads_file prefix ('<group>.<name>.pt') are compared with
+    the first of their group (the uncapped reference): bitwise, and max relative error."""
+    import torch
+    groups: dict[str, dict] = {}
     for r in results:
-        head = (f"{r['resolution']:<4} {r['mode']:<4} {r['compute']:<7} {r.get('offload','none'):<7}"
+        f = r.get("grads_file")
+        if not f or "error" in r or not Path(f).exists():
+            continue
+        group = Path(f).name.split(".")[0]
+        if group not in groups:
+            groups[group] = r
+            continue
+        ref = torch.load(groups[group]["grads_file"])
+        got = torch.load(f)
+        worst, equal = 0.0, True
+        for k, g in ref.items():
+            d = got[k]
+            equal &= torch.equal(g, d)
+            worst = max(worst, ((g - d).norm() / g.norm().clamp_min(1e-30)).item())
+        r["grads_vs_reference"] = dict(reference=groups[group]["grads_file"], bitwise_equal=equal,
+                                       max_rel_error=worst, tensors=len(ref))
+
+
+def table(results: list[dict]) -> str:
+    rows = ["res  mode compute  offload free | s/step   MFU   TFLOP/s | alloc resvd pred GiB | RSS  | grads"]
+    for r in results:
+        comp = r["compute"] + ("+c" if r.get("compile") else "")
+        head = (f"{r['resolution']:<4} {r['mode']:<4} {comp:<8} {r.get('offload','none'):<7}"
                 f" {str(r.get('free_gb') or '-'):>4} |")
         if "error" in r:
             rows.append(head + " ERROR " + r["error"][:90])
             continue
         mfu = f"{100 * r['mfu']:5.1f}%" if r.get("mfu") else "  -  "
         rows.append(head + f" {r['s_per_step']:.3f} {mfu} {r['achieved_tflops']:6.0f} |"
-                    f" {r['peak_vram_allocated_gib']:5.1f} {r['peak_vram_reserved_gib']:5.1f}    |"
-                    f" {r['peak_host_rss_gib']:5.1f}")
+                    f" {r['peak_vram_allocated_gib']:5.1f} {r['peak_vram_reserved_gib']:5.1f}"
+                    f" {r.get('predicted_peak_gib', 0):5.1f}    |"
+                    f" {r['peak_host_rss_gib']:4.1f} | {_grads(r)}")
     return "\n".join(rows)
+
+
+def _grads(r) -> str:
+    g = r.get("grads_vs_reference")
+    if not g:
+        return "ref" if r.get("grads_file") else ""
+    return "bitwise" if g["bitwise_equal"] else f"rel {g['max_rel_error']:.1e}"
 
 
 def main():
@@ -342,10 +389,15 @@ def main():
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--timeout", type=float, default=300)
     ap.add_argument("--device", default="cuda")
+    ap.add_argument("--budget-s", type=float, default=None,
+                    help="stop starting new configurations after this many seconds")
+    ap.add_argument("--compile", action="store_true", help="torch.compile every block")
     ap.add_argument("--tiny", action="store_true", help="tiny widths: a CPU smoke test of the harness")
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--configs", type=str, default=None,
                     help="JSON list of configuration dicts (overrides the grid)")
+    ap.add_argument("--suite", type=str, default=None,
+                    help="a named list of configurations from benchmarks/suites.json")
     ap.add_argument("--child", type=str, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
 
@@ -353,12 +405,23 @@ def main():
         print("RESULT " + json.dumps(run_config(json.loads(args.child))), flush=True)
         return
 
-    cfgs = json.loads(args.configs) if args.configs else configs_from_args(args)
+    if args.suite:
+        suites = json.loads((Path(__file__).parent / "suites.json").read_text())
+        cfgs = [c for name in args.suite.split(",") for c in suites[name]]
+    elif args.configs:
+        cfgs = json.loads(args.configs)
+    else:
+        cfgs = configs_from_args(args)
     defaults = dict(rank=args.rank, steps=args.steps, warmup=args.warmup, offload=args.offload,
-                    free_gb=args.free_gb, t5_len=args.t5_len, device=args.device, tiny=args.tiny)
+                    free_gb=args.free_gb, t5_len=args.t5_len, device=args.device, tiny=args.tiny,
+                    compile=args.compile)
     results = []
+    began = time.perf_counter()
     for cfg in cfgs:
         cfg = {**defaults, **cfg}
+        if args.budget_s and time.perf_counter() - began > args.budget_s:
+            results.append(dict(cfg, error="not run: the invocation's time budget was spent"))
+            continue
         r = run_child(cfg, args.timeout)
         results.append(r)
         brief = {k: r.get(k) for k in ("resolution", "mode", "compute", "offload", "free_gb",
@@ -366,6 +429,9 @@ def main():
         print(json.dumps(brief), flush=True)
         if args.out:
             _write(args.out, args, results)
+    compare_grads(results)
+    if args.out:
+        _write(args.out, args, results)
     print(table(results))
 
 

@@ -142,6 +142,7 @@ class Offloader:
                              streamed=0, streamed_bytes=0, prefetched=0, resident_hits=0)
 
     # ------------------------------------------------------------ contract with FrozenLinear
+    @torch.compiler.disable
     def fetch(self, layer: FrozenLinear):
         key = id(layer)
         e = self.entries[key]
