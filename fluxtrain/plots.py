@@ -136,13 +136,12 @@ def smooth(values: list[float], smoothing: float) -> list[float]:
 
 
 def nice_ticks(low: float, high: float, count: int = 6) -> list[float]:
-    """Round tick values (1, 2, 5 x 10^k apart) covering [low, high]."""
-    span = high - low
-    raw = span / max(1, count - 1)
+    """Round tick values inside [low, high], about `count` of them, 1, 2 or 5 x 10^k apart."""
+    raw = (high - low) / max(1, count - 1)
     magnitude = 10 ** math.floor(math.log10(raw))
-    step = next(m * magnitude for m in (1, 2, 5, 10) if m * magnitude >= raw)
+    step = min((m * magnitude for m in (1, 2, 5, 10)), key=lambda s: abs(math.log(s / raw)))
     first = math.ceil(low / step - 1e-9) * step
-    return [first + n * step for n in range(int((high - first) / step + 1e-9) + 1)]
+    return [round(first + n * step, 12) for n in range(int((high - first) / step + 1e-9) + 1)]
 
 
 def _check_curves(curves: dict[str, list[float]], smoothing: float) -> None:
