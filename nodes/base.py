@@ -1,0 +1,125 @@
+"""Dev2ProLoadTrainingBase: pick the model to train on, get a light handle.
+
+The node reads only the file's layout (tensors are memory-mapped and dropped at
+once), and passes on a path and a description. Train loads the weights itself
+and releases them when done, so no 12 GB model stays in ComfyUI's output cache.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import folder_paths
+from comfy_api.latest import io
+
+from ..fluxtrain.checkpoint import DIFFUSERS_INDEX, DIFFUSERS_SINGLE, load_state_dict
+from ..fluxtrain.files import UnsafePathError, safe_join
+from ..fluxtrain.params import CheckpointError
+from .common import CATEGORY, BaseType
+
+CHECKPOINTS_TAG = "[checkpoints] "   # a file from models/checkpoints (all-in-one files)
+DIFFUSERS_TAG = " [diffusers]"       # a diffusers model folder under models/diffusion_models
+WEIGHT_SUFFIXES = (".safetensors", ".sft")
+VARIANTS = ("auto", "dev2pro", "dev")
+
+
+def _diffusers_folders(root: Path, depth: int = 2) -> list[str]:
+    """Sub-folders of `root` holding a diffusers transformer (in them or in transformer/)."""
+    found = []
+    for dirpath, dirnames, _ in os.walk(root, followlinks=True):
+        here = Path(dirpath)
+        level = len(here.relative_to(root).parts)
+        if level >= depth:
+            dirnames[:] = []
+        for d in (here, here / "transformer"):
+            if level > 0 and ((d / DIFFUSERS_INDEX).is_file() or (d / DIFFUSERS_SINGLE).is_file()):
+                found.append(here.relative_to(root).as_posix())
+                dirnames[:] = []
+                break
+    return found
+
+
+def base_choices() -> list[str]:
+    """Every training base ComfyUI's folders hold, named as the node lists them."""
+    files = [n for n in folder_paths.get_filename_list("diffusion_models")
+             if n.lower().endswith(WEIGHT_SUFFIXES)]
+    folders = sorted({f + DIFFUSERS_TAG for root in folder_paths.get_folder_paths("diffusion_models")
+                      for f in _diffusers_folders(Path(root))})
+    checkpoints = [CHECKPOINTS_TAG + n for n in folder_paths.get_filename_list("checkpoints")
+                   if n.lower().endswith(WEIGHT_SUFFIXES)]
+    return files + folders + checkpoints
+
+
+def resolve_base(choice: str) -> Path:
+    """The file or folder a listed name stands for, inside ComfyUI's model folders."""
+    folder, name = "diffusion_models", choice
+    if choice.startswith(CHECKPOINTS_TAG):
+        folder, name = "checkpoints", choice[len(CHECKPOINTS_TAG):]
+    elif choice.endswith(DIFFUSERS_TAG):
+        name = choice[: -len(DIFFUSERS_TAG)]
+    for root in folder_paths.get_folder_paths(folder):
+        path = safe_join(root, name, what="model name")
+        if path.exists():
+            return path
+    raise CheckpointError(f"{name!r} is not in ComfyUI's {folder} folders "
+                          f"({', '.join(folder_paths.get_folder_paths(folder))}); put the model "
+                          "there and refresh (press R), then pick it from the list")
+
+
+def describe(path: Path, variant: str = "auto") -> dict:
+    """The handle: where the base is and what it is. Tensors are read lazily and dropped."""
+    sd, info = load_state_dict(path, require_guidance=True)
+    del sd
+    p = info.params
+    handle = {
+        "path": str(path), "name": info.name, "format": info.format,
+        "dtype": str(info.dtype).replace("torch.", ""),
+        "variant": info.variant if variant == "auto" else variant,
+        "blocks": f"{p.depth}+{p.depth_single_blocks}", "hidden_size": p.hidden_size,
+        "guidance_embed": p.guidance_embed,
+    }
+    handle["summary"] = (f"{handle['name']}: {handle['variant']}, {handle['format']} "
+                         f"{handle['dtype']}, {handle['blocks']} blocks of {p.hidden_size}")
+    return handle
+
+
+class Dev2ProLoadTrainingBase(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="Dev2ProLoadTrainingBase",
+            display_name="Load Training Base (Dev2Pro / Flux-dev)",
+            category=CATEGORY,
+            description="Picks the Flux transformer to train a LoRA on: Flux-Dev2Pro (recommended: "
+                        "dev fine-tuned with guidance held at 1.0, which undoes dev's guidance "
+                        "distillation) or FLUX.1-dev for comparison. Passes a light handle (path "
+                        "and description); the weights are loaded only while training.",
+            inputs=[
+                io.Combo.Input("base_name", options=base_choices(),
+                               tooltip="From models/diffusion_models (or unet), a diffusers folder "
+                                       "there, or models/checkpoints. Float8, scaled fp8, bf16 and "
+                                       "diffusers layouts are all read."),
+                io.Combo.Input("variant", options=list(VARIANTS), default="auto",
+                               tooltip="What this base is, for labels and metadata. auto: 'dev2pro' "
+                                       "when the name says so, else 'dev'."),
+            ],
+            outputs=[
+                BaseType.Output(display_name="base", tooltip="Light handle: path + description."),
+                io.String.Output(display_name="info", tooltip="What was found in the file."),
+            ],
+        )
+
+    @classmethod
+    def fingerprint_inputs(cls, base_name, variant):
+        try:  # a replaced file under the same name is a new base
+            st = resolve_base(base_name).stat()
+            return f"{base_name}|{variant}|{st.st_size}|{st.st_mtime_ns}"
+        except (CheckpointError, UnsafePathError, OSError):
+            return f"{base_name}|{variant}"
+
+    @classmethod
+    def execute(cls, base_name, variant) -> io.NodeOutput:
+        handle = describe(resolve_base(base_name), variant)
+        print(f"[dev2pro] training base {handle['summary']}", flush=True)
+        return io.NodeOutput(handle, handle["summary"], ui={"text": [handle["summary"]]})

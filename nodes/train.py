@@ -1,0 +1,219 @@
+"""Dev2ProTrainLoRA: the engine's training loop as a node.
+
+Every TrainConfig field becomes an input with the engine's own default, limits,
+choices and help text, so the node and `python -m fluxtrain.cli` never disagree.
+The base is loaded here, trained, and released before the node returns.
+
+Cancel: ComfyUI's progress bar update raises when the queue is interrupted; the
+node catches that, lets the engine save a resumable checkpoint (its should_stop
+path), then re-raises. Queueing the same run name with the same settings resumes.
+"""
+
+from __future__ import annotations
+
+import gc
+import shutil
+import time
+from dataclasses import MISSING, fields
+
+import torch
+from comfy_api.latest import io
+
+from ..fluxtrain.checkpoint import content_hash, load_flux
+from ..fluxtrain.dataset import EncodedDataset
+from ..fluxtrain.files import atomic_write_json
+from ..fluxtrain.lora import load_lora_file
+from ..fluxtrain.train import TrainConfig, train
+from .common import (CATEGORY, BaseType, DatasetType, RunType, clean_name, forget_lora_list,
+                     lora_file, recipe_metadata, run_folder)
+
+# Inputs of the node that are not TrainConfig fields.
+NODE_INPUTS = ("base", "dataset", "name", "resume")
+GUIDANCE_HELP = ("\n\nDev2Pro: keep 1.0. Dev2Pro is FLUX.1-dev fine-tuned with this input held at "
+                 "1.0; a LoRA trained there at 1.0, then used on plain dev with any FluxGuidance, is "
+                 "reported to beat one trained on dev. For a fair A/B on dev, use the same value.")
+
+
+def _widget(f):
+    """The node input for one TrainConfig field, from the field's own metadata."""
+    meta, default = f.metadata, f.default
+    tip = meta["help"] + (GUIDANCE_HELP if f.name == "guidance" else "")
+    if "choices" in meta:
+        return io.Combo.Input(f.name, options=list(meta["choices"]), default=default, tooltip=tip)
+    if isinstance(default, bool):
+        return io.Boolean.Input(f.name, default=default, tooltip=tip)
+    if isinstance(default, int):
+        return io.Int.Input(f.name, default=default, min=meta["min"], max=meta["max"], step=1,
+                            tooltip=tip, control_after_generate=False)
+    if isinstance(default, float):
+        step = 1e-6 if f.name == "learning_rate" else 0.01
+        return io.Float.Input(f.name, default=default, min=meta["min"], max=meta["max"], step=step,
+                              round=step, tooltip=tip)
+    return io.String.Input(f.name, default=default, tooltip=tip)
+
+
+def config_fields():
+    return [f for f in fields(TrainConfig) if f.default is not MISSING]
+
+
+class _Stop:
+    """Set when ComfyUI asks the queue to stop; checked by the engine between steps."""
+
+    def __init__(self):
+        self.requested = False
+
+    def __call__(self) -> bool:
+        import comfy.model_management as mm
+
+        if mm.processing_interrupted():
+            self.requested = True
+        return self.requested
+
+
+class Dev2ProTrainLoRA(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="Dev2ProTrainLoRA",
+            display_name="Train Flux LoRA (Dev2Pro, guidance 1.0)",
+            category=CATEGORY,
+            description="Trains a LoRA on a frozen Flux transformer (Flux-Dev2Pro recommended) with "
+                        "the guidance embedding fed 1.0. The LoRA file goes to models/loras/<name>."
+                        "safetensors (LoraLoaderModelOnly lists it) with its recipe in the metadata. "
+                        "Cancel leaves a resumable checkpoint; queue the same name and settings to "
+                        "continue.",
+            inputs=[
+                BaseType.Input("base", tooltip="From Load Training Base."),
+                DatasetType.Input("dataset", tooltip="From Encode Dataset."),
+                io.String.Input("name", default="dev2pro/my_lora",
+                                tooltip="Run name: the LoRA is written to models/loras/<name>.safetensors "
+                                        "and the resumable state to output/dev2pro/runs/<name>/. "
+                                        "Sub-folders are fine; '..' and absolute paths are refused."),
+                io.Boolean.Input("resume", default=True, label_on="resume", label_off="start over",
+                                 tooltip="resume: continue this run name's last checkpoint when the "
+                                         "settings match (more steps may be added). start over: "
+                                         "delete this run's checkpoints first."),
+                *[_widget(f) for f in config_fields()],
+            ],
+            outputs=[
+                io.LoraModel.Output(display_name="lora",
+                                    tooltip="The LoRA weights, for Load LoRA Model or Apply LoRA."),
+                RunType.Output(display_name="run",
+                               tooltip="What this run made: LoRA file, base, guidance, losses."),
+                io.LossMap.Output(display_name="loss", tooltip="Loss per step."),
+                io.String.Output(display_name="lora_name",
+                                 tooltip="The file name as LoraLoaderModelOnly lists it."),
+            ],
+            hidden=[io.Hidden.prompt, io.Hidden.extra_pnginfo, io.Hidden.unique_id],
+            is_output_node=True,
+        )
+
+    @classmethod
+    def validate_inputs(cls, name, **_):
+        from ..fluxtrain.files import UnsafePathError
+
+        try:
+            lora_file(name)
+            run_folder(name)
+        except UnsafePathError as e:
+            return str(e)
+        return True
+
+    @classmethod
+    def execute(cls, base, dataset, name, resume, **settings) -> io.NodeOutput:
+        import comfy.model_management as mm
+        import comfy.utils
+        from server import PromptServer
+
+        config = TrainConfig.from_dict(settings)
+        name = clean_name(name)
+        lora_path, lora_name = lora_file(name)
+        run_dir = run_folder(name)
+        if not resume and run_dir.exists():
+            shutil.rmtree(run_dir)
+        data = EncodedDataset.open(dataset["path"])
+        _check_same_inputs(run_dir, name, base, dataset)
+
+        node_id = cls.hidden.unique_id
+        metadata = {"name": base["name"], "hash": content_hash(base["path"]),
+                    "variant": base["variant"], "dataset": dataset.get("key", ""),
+                    **recipe_metadata(cls.hidden.prompt, cls.hidden.extra_pnginfo)}
+
+        mm.unload_all_models()          # make room: ComfyUI's own models leave the GPU
+        mm.soft_empty_cache()
+        device = mm.get_torch_device()
+        pbar = comfy.utils.ProgressBar(config.steps, node_id=node_id)
+        stop = _Stop()
+        began = time.monotonic()
+
+        def on_step(r):
+            elapsed = time.monotonic() - began
+            eta = elapsed / max(1, r.step - first[0]) * (r.total - r.step)
+            print(f"[dev2pro] {name} step {r.step}/{r.total} loss {r.loss:.5f} "
+                  f"lr {r.learning_rate:.2e} {r.seconds:.2f}s/step eta {eta:.0f}s", flush=True)
+            PromptServer.instance.send_sync("dev2pro.progress", {
+                "node": node_id, "run": name, "step": r.step, "total": r.total, "loss": r.loss,
+                "lr": r.learning_rate, "seconds": r.seconds, "eta_seconds": eta},
+                PromptServer.instance.client_id)
+            try:
+                pbar.update_absolute(r.step, r.total)
+            except mm.InterruptProcessingException:
+                stop.requested = True   # the engine saves a checkpoint before the next step
+
+        first = [0]
+        model = None
+        try:
+            model, _ = load_flux(base["path"], device=device, require_guidance=True)
+            print(f"[dev2pro] training {name} on {base['summary']}, {len(data)} samples, "
+                  f"guidance {config.guidance:g}, {config.steps} steps", flush=True)
+            from ..fluxtrain.state import load_latest_state
+            saved = load_latest_state(run_dir)
+            first[0] = saved.step if saved else 0
+            result = train(model, data, config, run_dir, lora_path=lora_path, base_metadata=metadata,
+                           on_step=on_step, should_stop=stop,
+                           log=lambda line: print(line, flush=True))
+        finally:
+            del model
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+        if result.cancelled or stop.requested:
+            print(f"[dev2pro] {name} cancelled at step {result.steps_done}; queue it again with the "
+                  "same name and settings to resume", flush=True)
+            raise mm.InterruptProcessingException()
+
+        forget_lora_list()
+        run = {"name": name, "lora": lora_name, "base": base["name"], "variant": base["variant"],
+               "guidance": config.guidance, "settings": config.to_dict(),
+               "losses": list(result.losses), "steps": result.steps_done,
+               "dataset": dataset.get("key", "")}
+        lora = load_lora_file(lora_path)[0]
+        ui = {"dev2pro_losses": [{"run": name, "losses": run["losses"], "base": base["name"],
+                                  "variant": base["variant"], "guidance": config.guidance}],
+              "text": [f"{lora_name}: {result.steps_done} steps, final loss "
+                       f"{result.losses[-1] if result.losses else float('nan'):.4f}"]}
+        return io.NodeOutput(lora, run, {"loss": run["losses"]}, lora_name, ui=ui)
+
+
+def _check_same_inputs(run_dir, name, base, dataset) -> None:
+    """A run name resumes only on the same base and dataset; record them on first use."""
+    record = run_dir / "inputs.json"
+    now = {"base": base["name"], "base_size": _size(base["path"]), "dataset": dataset.get("key", "")}
+    if record.is_file():
+        import json
+
+        saved = json.loads(record.read_text())
+        differ = [k for k in now if saved.get(k) != now[k]]
+        if differ:
+            raise ValueError(
+                f"run {name!r} was started on other inputs ({', '.join(differ)}: saved "
+                f"{[saved.get(k) for k in differ]}, now {[now[k] for k in differ]}); use a new run "
+                "name, or switch 'resume' to 'start over' to replace that run")
+    else:
+        atomic_write_json(record, now)
+
+
+def _size(path) -> int:
+    from ..fluxtrain.checkpoint import weight_files
+
+    return sum(f.stat().st_size for f in weight_files(path))
