@@ -175,6 +175,9 @@ class EncodedDataset:
         self.clip_width: int = index["clip_width"]
         self.samples = samples
         self.empty_caption = empty_caption
+        # Set by fluxtrain.encode: the cache key of the folder, and whether it was reused.
+        self.cache_key: str = folder.name
+        self.reused: bool = False
 
     @classmethod
     def open(cls, folder: str | Path) -> "EncodedDataset":
