@@ -41,7 +41,7 @@ class _FrozenLinearFn(torch.autograd.Function):
     def backward(ctx, grad_out):
         layer = ctx.layer
         weight, scale = layer.fetch_weight()
-        if layer.fp8_compute:
+        if layer.fp8_backward:
             return fp8.grad_input_fp8(grad_out, weight, layer.fp8_weight_scale,
                                       grad_out.dtype), None, None
         return grad_out @ materialize_weight(weight, scale, grad_out.dtype), None, None
@@ -68,6 +68,7 @@ class FrozenLinear(nn.Module):
         self.lora: nn.Module | None = None
         # Float8 tensor-core matmuls (fluxtrain.fp8.enable_fp8_compute sets these).
         self.fp8_compute = False
+        self.fp8_backward = False
         self.fp8_weight_scale: torch.Tensor | None = None
         # Where the weight comes from when it is not resident (fluxtrain.offload).
         self.weight_source = None
