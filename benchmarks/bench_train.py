@@ -205,7 +205,8 @@ def run_config(cfg: dict) -> dict:
         torch._dynamo.config.cache_size_limit = max(64, torch._dynamo.config.cache_size_limit)
         for block in (*model.double_blocks, *model.single_blocks):
             block.compile()
-    n_fp8 = fp8.enable_fp8_compute(model, device, enabled=cfg["compute"] == "fp8")
+    n_fp8 = fp8.enable_fp8_compute(model, device, enabled=cfg["compute"] == "fp8",
+                                   backward=cfg.get("fp8_backward", True))
     lora_params = [p for a in adapters.values() for p in a.parameters()]
     optimizer = _make_optimizer(config, lora_params, device)
 
@@ -354,7 +355,8 @@ def compare_grads(results: list[dict]) -> None:
 def table(results: list[dict]) -> str:
     rows = ["res  mode compute  offload free | s/step   MFU   TFLOP/s | alloc resvd pred GiB | RSS  | grads"]
     for r in results:
-        comp = r["compute"] + ("+c" if r.get("compile") else "")
+        comp = (r["compute"] + ("-fw" if r["compute"] == "fp8" and r.get("fp8_backward") is False
+                                else "") + ("+c" if r.get("compile") else ""))
         head = (f"{r['resolution']:<4} {r['mode']:<4} {comp:<8} {r.get('offload','none'):<7}"
                 f" {str(r.get('free_gb') or '-'):>4} |")
         if "error" in r:

@@ -133,10 +133,13 @@ def fp8_eligible(layer) -> bool:
             and w.shape[1] % 16 == 0 and (s is None or s.numel() == 1))
 
 
-def enable_fp8_compute(model: torch.nn.Module, device=None, enabled: bool = True) -> int:
+def enable_fp8_compute(model: torch.nn.Module, device=None, enabled: bool = True,
+                       backward: bool = True) -> int:
     """Route the frozen matmuls of `model` through float8 tensor cores where the
     device supports it. Returns how many layers now compute in float8 (0 when
-    disabled or unsupported). Safe to call again to switch off."""
+    disabled or unsupported). Safe to call again to switch off. `backward=False`
+    keeps the input-gradient matmul on the bf16-cast path (forward and recompute
+    stay float8)."""
     from .layers import FrozenLinear
 
     if device is None:
@@ -148,6 +151,7 @@ def enable_fp8_compute(model: torch.nn.Module, device=None, enabled: bool = True
     for module in model.modules():
         if isinstance(module, FrozenLinear):
             module.fp8_compute = on and fp8_eligible(module)
+            module.fp8_backward = module.fp8_compute and backward
             module.fp8_weight_scale = (weight_scale_f32(module.weight, module.weight_scale, device)
                                        if module.fp8_compute else None)
             count += module.fp8_compute

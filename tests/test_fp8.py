@@ -70,15 +70,16 @@ def test_fp8_layer_forward_and_input_grad_match_the_cast_path(scale):
     (gy := torch.randn_like(y_ref)).requires_grad_(False)
     (dx_ref,) = torch.autograd.grad(y_ref, x, gy)
 
-    layer.fp8_compute = True
+    layer.fp8_compute = layer.fp8_backward = True
     layer.fp8_weight_scale = fp8.weight_scale_f32(layer.weight, layer.weight_scale)
     y = layer(x)
     (dx,) = torch.autograd.grad(y, x, gy)
     assert y.shape == y_ref.shape and y.dtype == torch.bfloat16
     assert _rel(y, y_ref) < 0.06, "forward in e4m3 drifted beyond fp8 tolerance"
     assert _rel(dx, dx_ref) < 0.12, "input gradient (e5m2 grads) drifted beyond fp8 tolerance"
-    # It really took the float8 path: not bit-identical to the cast path.
+    # It really took the float8 paths: not bit-identical to the cast path.
     assert not torch.equal(y, y_ref)
+    assert not torch.equal(dx, dx_ref)
 
 
 def test_fp8_path_is_chosen_only_where_the_device_supports_it(monkeypatch):
@@ -106,5 +107,8 @@ def test_enable_sets_only_float8_layers_and_the_setting_turns_it_off(monkeypatch
     assert fp8.enable_fp8_compute(model, "cpu") == 1
     assert [m.fp8_compute for m in model] == [True, False, False]
     assert model[0].fp8_weight_scale.dtype == torch.float32
+    assert model[0].fp8_backward
+    assert fp8.enable_fp8_compute(model, "cpu", backward=False) == 1
+    assert model[0].fp8_compute and not model[0].fp8_backward
     assert fp8.enable_fp8_compute(model, "cpu", enabled=False) == 0
-    assert not any(m.fp8_compute for m in model)
+    assert not any(m.fp8_compute or m.fp8_backward for m in model)
