@@ -164,7 +164,7 @@ def run_config(cfg: dict) -> dict:
     if mode == "auto":
         plan = memory.plan(free_at_start, params, img_tokens=img_tokens, txt_tokens=txt_tokens,
                            batch=1, rank=cfg["rank"], fp8_compute=cfg["compute"] == "fp8",
-                           offload_available=True)
+                           offload_available=True, compiled=bool(cfg.get("compile")))
         if plan.offload and offload_kind == "none":
             offload_kind = "aimdo"
     host = offload_kind != "none"
@@ -198,7 +198,8 @@ def run_config(cfg: dict) -> dict:
             resident = (plan or memory.plan(free_at_start, params, img_tokens=img_tokens,
                                             txt_tokens=txt_tokens, rank=cfg["rank"],
                                             fp8_compute=cfg["compute"] == "fp8",
-                                            offload_available=True)).resident_bytes
+                                            offload_available=True,
+                                            compiled=bool(cfg.get("compile")))).resident_bytes
         offloader = offload.install(model, device, prefer=offload_kind, resident_bytes=resident)
     if cfg.get("compile"):
         import torch._dynamo
@@ -267,7 +268,7 @@ def run_config(cfg: dict) -> dict:
                           checkpoint_double=model.checkpointed_double,
                           checkpoint_single=model.checkpointed_single,
                           resident_bytes=(offloader.stats()["resident_bytes"] if offloader else None),
-                          fp8_compute=cfg["compute"] == "fp8")
+                          fp8_compute=cfg["compute"] == "fp8", compiled=bool(cfg.get("compile")))
     out["predicted_peak_gib"] = est["total"] / 2**30
     out["predicted"] = {k: v / 2**30 for k, v in est.items()}
     return out

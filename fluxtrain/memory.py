@@ -11,7 +11,7 @@ configuration that fits, from an explicit model of where the bytes go:
                  (hidden_size * 2 bytes, bf16) times the block's tokens:
                  - a checkpointed block keeps only its input: 1 unit
                    (a double block keeps image and text rows: 1 unit per token)
-                 - a block kept for backward keeps DOUBLE_UNITS / SINGLE_UNITS
+                 - a block kept for backward keeps UNITS[(compiled, fp8)] rows
                  - while one block is recomputed and differentiated, its full
                    activations plus the gradients in flight: TRANSIENT_UNITS more
     workspace    cast copies of the largest weight, attention and cuBLAS workspace,
@@ -33,15 +33,27 @@ from dataclasses import asdict, dataclass, field
 from .params import FluxParams
 
 # Saved activations of a block kept for backward, in hidden-state rows (bf16) per
-# token of the block. Measured on fluxtrain.flux with a LoRA on every Linear.
-DOUBLE_UNITS = 38.2
-SINGLE_UNITS = 31.3
-# Recompute + backward of one block: its activations plus gradient buffers in flight.
-TRANSIENT_UNITS = 12.0
-# Fixed workspace (CUDA context is outside torch's counters), and a share of the rest
-# for the caching allocator's fragmentation (reserved vs allocated).
-FIXED_WORKSPACE = 1.0 * 2**30
-FRAGMENTATION = 0.08
+# token of the block, as autograd's saved-tensor hooks count them on fluxtrain.flux
+# with a LoRA on every Linear (CPU; tests/test_memory.py re-measures these).
+HOOK_DOUBLE_UNITS = 38.2
+HOOK_SINGLE_UNITS = 31.3
+# What an H100 actually keeps (peak allocated, fast minus lean, at 512^2 and 1024^2,
+# benchmarks/results/2026-11-27-h100-*.json), split in the hook ratio. CUDA's flash
+# attention saves less than the CPU kernels; compiled blocks let inductor choose
+# what to save (float8 compiled saves the least).
+UNITS = {  # (compiled, fp8) -> (double, single)
+    (False, False): (31.9, 26.1),
+    (False, True): (31.9, 26.1),
+    (True, False): (34.2, 28.0),
+    (True, True): (22.1, 18.1),
+}
+# Lean mode beyond the saved block inputs: one block recomputed with its gradients in
+# flight (measured: 90 rows per token in all, 57 of them the saved inputs).
+TRANSIENT_UNITS = 33.0
+# Caching-allocator slack between allocated and reserved, and a fixed reserve for
+# cuBLAS / attention workspaces; applied to the budget check, not the prediction.
+FRAGMENTATION = 0.06
+FIXED_WORKSPACE = 0.5 * 2**30
 # Offload: device buffers for weights in flight (the layer in use + prefetched ones).
 OFFLOAD_BUFFERS = 4
 
@@ -117,9 +129,13 @@ def largest_layer_bytes(p: FluxParams, weight_bytes: float = 1.0) -> float:
 def estimate(p: FluxParams, img_tokens: int, txt_tokens: int, batch: int = 1, rank: int = 16,
              checkpoint_double: int | None = None, checkpoint_single: int | None = None,
              resident_bytes: float | None = None, weight_bytes: float = 1.0,
-             fp8_compute: bool = False) -> dict:
-    """Predicted peak allocated bytes, by part. Checkpoint counts default to all blocks;
-    resident_bytes None = every weight resident (no offload)."""
+             fp8_compute: bool = False, compiled: bool = False) -> dict:
+    """Predicted peak device bytes, by part: `total` what torch will have allocated
+    (plus weights an aimdo VBAR holds, which torch does not count), `budget_total`
+    that with allocator slack and workspace, as checked against free VRAM.
+    Checkpoint counts default to all blocks; resident_bytes None = every weight
+    resident (no offload)."""
+    double_units, single_units = UNITS[(bool(compiled), bool(fp8_compute))]
     cd = p.depth if checkpoint_double is None else checkpoint_double
     cs = p.depth_single_blocks if checkpoint_single is None else checkpoint_single
     row = p.hidden_size * 2 * batch            # one token of hidden state, bf16
@@ -135,42 +151,40 @@ def estimate(p: FluxParams, img_tokens: int, txt_tokens: int, batch: int = 1, ra
         streaming = OFFLOAD_BUFFERS * largest
     lora = lora_params(p, rank) * 16.0
     saved = row * tokens * (cd * 1 + cs * 1
-                            + (p.depth - cd) * DOUBLE_UNITS
-                            + (p.depth_single_blocks - cs) * SINGLE_UNITS)
-    any_ckpt = cd + cs > 0
-    transient = row * tokens * (TRANSIENT_UNITS + (max(DOUBLE_UNITS, SINGLE_UNITS) if any_ckpt else 0))
-    # The bf16 cast of the largest weight (twice: forward of the next layer may overlap),
-    # or its float8 transposed copy in backward.
-    cast = largest * (1 if fp8_compute else 2 / weight_bytes) * 2
-    subtotal = weights + streaming + lora + saved + transient + cast
-    total = subtotal * (1 + FRAGMENTATION) + FIXED_WORKSPACE
+                            + (p.depth - cd) * double_units
+                            + (p.depth_single_blocks - cs) * single_units)
+    transient = row * tokens * TRANSIENT_UNITS if cd + cs > 0 else 0.0
+    # The bf16 cast of the largest weight (the float8 path: its transposed copy).
+    cast = largest * (1 if fp8_compute else 2 / weight_bytes)
+    total = weights + streaming + lora + saved + transient + cast
+    budget_total = total * (1 + FRAGMENTATION) + FIXED_WORKSPACE
     return dict(weights=weights, all_weights=all_weights, streaming=streaming, lora=lora,
-                saved_activations=saved, transient=transient, cast=cast,
-                workspace=total - subtotal, total=total)
+                saved_activations=saved, transient=transient, cast=cast, total=total,
+                budget_total=budget_total)
 
 
 def plan(free_bytes: int, p: FluxParams, img_tokens: int, txt_tokens: int = 512, batch: int = 1,
          rank: int = 16, fp8_compute: bool = False, offload_available: bool = True,
-         weight_bytes: float = 1.0, headroom: float = 0.04) -> Plan:
+         weight_bytes: float = 1.0, headroom: float = 0.04, compiled: bool = False) -> Plan:
     """The fastest configuration whose predicted peak fits `free_bytes` (less `headroom`,
     a share kept free for other allocations of the process)."""
     budget = int(free_bytes * (1 - headroom))
     kw = dict(img_tokens=img_tokens, txt_tokens=txt_tokens, batch=batch, rank=rank,
-              weight_bytes=weight_bytes, fp8_compute=fp8_compute)
+              weight_bytes=weight_bytes, fp8_compute=fp8_compute, compiled=compiled)
 
     # 1. Everything resident: un-checkpoint as many blocks as fit, single blocks last
     #    first (cheapest per block), then double blocks.
     best = None
     nd, ns = p.depth, p.depth_single_blocks
-    if estimate(p, checkpoint_double=nd, checkpoint_single=ns, **kw)["total"] <= budget:
+    if estimate(p, checkpoint_double=nd, checkpoint_single=ns, **kw)["budget_total"] <= budget:
         best = (nd, ns)
         for cs in range(ns, -1, -1):          # fewer checkpointed single blocks
-            if estimate(p, checkpoint_double=nd, checkpoint_single=cs, **kw)["total"] > budget:
+            if estimate(p, checkpoint_double=nd, checkpoint_single=cs, **kw)["budget_total"] > budget:
                 break
             best = (nd, cs)
         if best[1] == 0:
             for cd in range(nd, -1, -1):
-                if estimate(p, checkpoint_double=cd, checkpoint_single=0, **kw)["total"] > budget:
+                if estimate(p, checkpoint_double=cd, checkpoint_single=0, **kw)["budget_total"] > budget:
                     break
                 best = (cd, 0)
         e = estimate(p, checkpoint_double=best[0], checkpoint_single=best[1], **kw)
@@ -180,15 +194,15 @@ def plan(free_bytes: int, p: FluxParams, img_tokens: int, txt_tokens: int = 512,
     if not offload_available:
         e = estimate(p, **kw)
         raise MemoryPlanError(
-            f"the model needs about {e['total'] / 2**30:.1f} GiB with every block checkpointed, "
+            f"the model needs about {e['budget_total'] / 2**30:.1f} GiB with every block checkpointed, "
             f"but only {budget / 2**30:.1f} GiB are free and offloading is off; turn offloading "
             "on, lower the resolution or the batch, or free VRAM")
     zero = estimate(p, resident_bytes=0, **kw)
-    spare = (budget - zero["total"]) / (1 + FRAGMENTATION)
+    spare = (budget - zero["budget_total"]) / (1 + FRAGMENTATION)
     if spare < 0:
         raise MemoryPlanError(
             f"even with every block checkpointed and every weight in host memory the step needs "
-            f"about {zero['total'] / 2**30:.1f} GiB, but only {budget / 2**30:.1f} GiB are free: "
+            f"about {zero['budget_total'] / 2**30:.1f} GiB, but only {budget / 2**30:.1f} GiB are free: "
             "lower the resolution, the batch or the LoRA rank, or free VRAM")
     resident = int(min(spare, zero["all_weights"]))
     e = estimate(p, resident_bytes=resident, **kw)

@@ -48,8 +48,8 @@ def saved_units(block_kind: str) -> float:
     return sum(seen.values()) / ((n_img + n_txt) * h * 2)
 
 
-@pytest.mark.parametrize("kind,constant", [("double", memory.DOUBLE_UNITS),
-                                           ("single", memory.SINGLE_UNITS)])
+@pytest.mark.parametrize("kind,constant", [("double", memory.HOOK_DOUBLE_UNITS),
+                                           ("single", memory.HOOK_SINGLE_UNITS)])
 def test_activation_coefficients_match_what_the_blocks_save(kind, constant):
     measured = saved_units(kind)
     assert measured == pytest.approx(constant, rel=0.08), (
