@@ -23,6 +23,7 @@ from ..fluxtrain.checkpoint import content_hash, load_flux
 from ..fluxtrain.dataset import EncodedDataset
 from ..fluxtrain.files import atomic_write_json
 from ..fluxtrain.lora import load_lora_file
+from ..fluxtrain.state import load_latest_state
 from ..fluxtrain.train import TrainConfig, train
 from .common import (CATEGORY, BaseType, DatasetType, RunType, clean_name, forget_lora_list,
                      lora_file, recipe_metadata, run_folder)
@@ -163,15 +164,16 @@ class Dev2ProTrainLoRA(io.ComfyNode):
         first = [0]
         model = None
         try:
-            model, _ = load_flux(base["path"], device=device, require_guidance=True)
-            print(f"[dev2pro] training {name} on {base['summary']}, {len(data)} samples, "
-                  f"guidance {config.guidance:g}, {config.steps} steps", flush=True)
-            from ..fluxtrain.state import load_latest_state
-            saved = load_latest_state(run_dir)
-            first[0] = saved.step if saved else 0
-            result = train(model, data, config, run_dir, lora_path=lora_path, base_metadata=metadata,
-                           on_step=on_step, should_stop=stop,
-                           log=lambda line: print(line, flush=True))
+            # ComfyUI runs nodes under inference_mode; training needs autograd back.
+            with torch.inference_mode(False), torch.enable_grad():
+                model, _ = load_flux(base["path"], device=device, require_guidance=True)
+                print(f"[dev2pro] training {name} on {base['summary']}, {len(data)} samples, "
+                      f"guidance {config.guidance:g}, {config.steps} steps", flush=True)
+                saved = load_latest_state(run_dir)
+                first[0] = saved.step if saved else 0
+                result = train(model, data, config, run_dir, lora_path=lora_path,
+                               base_metadata=metadata, on_step=on_step, should_stop=stop,
+                               log=lambda line: print(line, flush=True))
         finally:
             del model
             gc.collect()

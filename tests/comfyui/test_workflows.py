@@ -84,15 +84,14 @@ def view_path(server, ref: dict) -> Path:
     return roots[ref["type"]] / ref["subfolder"] / ref["filename"]
 
 
-def find_in(grid: np.ndarray, tile: np.ndarray) -> list[tuple[int, int]]:
-    """Every (y, x) where `tile` sits in `grid` exactly."""
+def find_in(grid: np.ndarray, tile: np.ndarray, tolerance: float = 1.0) -> list[tuple[int, int]]:
+    """Every (y, x) where `tile` sits in `grid`, each pixel within `tolerance` (ComfyUI
+    truncates to 8 bits where the grid rounds)."""
     h, w = tile.shape[:2]
-    hits = []
-    ys, xs = np.nonzero(np.all(grid[: grid.shape[0] - h + 1, : grid.shape[1] - w + 1] == tile[0, 0], axis=-1))
-    for y, x in zip(ys, xs):
-        if np.array_equal(grid[y:y + h, x:x + w], tile):
-            hits.append((int(y), int(x)))
-    return hits
+    corner = grid[: grid.shape[0] - h + 1, : grid.shape[1] - w + 1]
+    ys, xs = np.nonzero(np.all(np.abs(corner - tile[0, 0]) <= tolerance, axis=-1))
+    return [(int(y), int(x)) for y, x in zip(ys, xs)
+            if np.abs(grid[y:y + h, x:x + w] - tile).max() <= tolerance]
 
 
 def write_training_images(root: Path) -> None:
