@@ -1,0 +1,596 @@
+// Dev2Pro frontend extension: a live loss chart on Dev2ProTrainLoRA and an A/B compare
+// widget on Dev2ProCompareGrid.
+//
+// Protocol (the nodes send, this file receives):
+//  - ws "dev2pro.progress" {node, run, step, total, loss, lr, seconds (of that step), eta_seconds};
+//  - the train node's executed ui {"dev2pro_losses": [{run, losses, base, variant, guidance}]};
+//  - the compare node's executed ui {"images": [...grid...],
+//      "dev2pro_compare": [{prompt, a: {filename, subfolder, type}, b: {...}, label_a, label_b, seed, strength}]}.
+// Runs and pairs are kept in localStorage and re-read from /history after a page reload.
+// Anything that fails here leaves the node as it is (its plain image outputs still show).
+
+import { app } from "../../scripts/app.js";
+import { api } from "../../scripts/api.js";
+import { LossChart, PALETTE, formatDuration, formatLoss, smooth } from "./dev2pro_chart.js";
+import { CompareView } from "./dev2pro_compare.js";
+
+const TRAIN_NODE = "Dev2ProTrainLoRA";
+const COMPARE_NODE = "Dev2ProCompareGrid";
+const LOSS_KEY = "dev2pro.lossRuns.v1";
+const COMPARE_KEY = "dev2pro.comparePairs.v1";
+const KEEP_RUNS = 16;
+const KEEP_POINTS = 50000;
+const KEEP_PAIRS = 24;
+
+function report(what, error) {
+  // Only reached when something is broken: say so once per kind, keep the node usable.
+  if (report.seen.has(what)) return;
+  report.seen.add(what);
+  console.warn(`[dev2pro] ${what}; the node keeps its plain outputs.`, error);
+}
+report.seen = new Set();
+
+function guarded(what, fn) {
+  return function (...args) {
+    try {
+      return fn.apply(this, args);
+    } catch (error) {
+      report(what, error);
+    }
+  };
+}
+
+// ---------------------------------------------------------------- graph helpers
+
+function rootGraph() {
+  try {
+    return app.rootGraph ?? null;
+  } catch (_) {
+    return null;
+  }
+}
+
+function graphId(graph = rootGraph()) {
+  return graph?.id ? String(graph.id) : "";
+}
+
+/** The id the server names a node by: "12", or "5:12" inside subgraph node 5. */
+function executionId(node) {
+  const root = node?.graph?.rootGraph ?? rootGraph();
+  if (!node || node.id == null || node.id === -1) return null;
+  if (!node.graph || node.graph === root) return String(node.id);
+  const path = [node.id];
+  let graph = node.graph;
+  for (let depth = 0; graph && graph !== root && depth < 16; depth++) {
+    const parent = findSubgraphNode(root, graph);
+    if (!parent) return null;
+    path.unshift(parent.node.id);
+    graph = parent.graph;
+  }
+  return path.join(":");
+}
+
+function findSubgraphNode(graph, target, depth = 0) {
+  for (const n of graph?._nodes ?? graph?.nodes ?? []) {
+    if (n.subgraph === target) return { node: n, graph };
+    if (n.subgraph && depth < 16) {
+      const hit = findSubgraphNode(n.subgraph, target, depth + 1);
+      if (hit) return hit;
+    }
+  }
+  return null;
+}
+
+function nodeByExecutionId(id) {
+  let graph = rootGraph();
+  let node = null;
+  for (const part of String(id).split(":")) {
+    node = graph?.getNodeById?.(part) ?? graph?.getNodeById?.(Number(part)) ?? null;
+    if (!node) return null;
+    graph = node.subgraph;
+  }
+  return node;
+}
+
+function comfyClass(node) {
+  return node?.constructor?.comfyClass ?? node?.comfyClass ?? node?.type;
+}
+
+// ---------------------------------------------------------------- storage
+
+function load(key) {
+  try {
+    return JSON.parse(localStorage.getItem(key) || "null");
+  } catch (_) {
+    return null;
+  }
+}
+
+function save(key, value) {
+  try {
+    localStorage.setItem(key, JSON.stringify(value));
+  } catch (_) {
+    // Full or disabled storage: the chart still works for this page.
+  }
+}
+
+// ---------------------------------------------------------------- loss runs
+
+/** run: {key, graph, node, run, session, started, updated, points: [[step, loss]], total,
+ *        seconds (of the last step), eta, lr, live, done, base, variant, guidance} */
+const lossStore = {
+  runs: [],
+  session: null, // the queue session live runs belong to
+  queueIdle: true,
+  saveTimer: null,
+
+  restore() {
+    const saved = load(LOSS_KEY);
+    if (Array.isArray(saved?.runs)) {
+      this.runs = saved.runs.filter((r) => r && Array.isArray(r.points));
+      // Anything that was still running when the page went away is not running now
+      // unless new progress arrives for it.
+      for (const r of this.runs) r.live = false;
+    }
+    if (saved?.session) this.session = saved.session;
+  },
+
+  persist(now = false) {
+    const write = () => {
+      this.saveTimer = null;
+      const runs = [...this.runs].sort((a, b) => b.updated - a.updated).slice(0, KEEP_RUNS);
+      this.runs = this.runs.filter((r) => runs.includes(r));
+      save(LOSS_KEY, {
+        session: this.session,
+        runs: runs.map((r) => ({ ...r, live: undefined, points: r.points.slice(-KEEP_POINTS) })),
+      });
+    };
+    if (now) {
+      clearTimeout(this.saveTimer);
+      write();
+    } else if (!this.saveTimer) {
+      this.saveTimer = setTimeout(write, 2000);
+    }
+  },
+
+  newSession(id) {
+    this.session = String(id ?? `s${Date.now()}`);
+    return this.session;
+  },
+
+  latest(graph, node, run) {
+    let best = null;
+    for (const r of this.runs) {
+      if (r.graph === graph && r.node === node && (run === undefined || r.run === run)
+          && (!best || r.started > best.started)) best = r;
+    }
+    return best;
+  },
+
+  progress(d) {
+    const node = String(d.node);
+    const graph = graphId();
+    const run = String(d.run ?? "run");
+    const step = Number(d.step);
+    const loss = Number(d.loss);
+    if (!Number.isFinite(step)) return;
+    let rec = this.latest(graph, node, run);
+    const last = rec?.points[rec.points.length - 1];
+    if (!rec || rec.done || (last && step <= last[0])) {
+      const now = Date.now();
+      rec = {
+        key: `${graph}|${node}|${run}|${now}`, graph, node, run,
+        session: this.session ?? this.newSession(), started: now, updated: now,
+        points: [], total: 0, done: false,
+      };
+      this.runs.push(rec);
+    }
+    rec.points.push([step, loss]);
+    rec.total = Number(d.total) || rec.total;
+    rec.seconds = Number(d.seconds);
+    rec.eta = Number(d.eta_seconds);
+    rec.lr = Number(d.lr);
+    rec.updated = Date.now();
+    rec.live = true;
+    this.persist();
+    charts.changed();
+  },
+
+  finished(node, entries, graph = graphId(), session = null) {
+    for (const e of entries || []) {
+      if (!e || !Array.isArray(e.losses)) continue;
+      const run = String(e.run ?? "run");
+      let rec = this.latest(graph, node, run);
+      if (session !== null && rec) continue; // restoring from history: what we hold is as good
+      if (!rec || (rec.done && session === null && rec.points.length !== e.losses.length)) {
+        const now = Date.now();
+        rec = {
+          key: `${graph}|${node}|${run}|${now}`, graph, node, run,
+          session: session ?? this.session ?? this.newSession(), started: now, updated: now, points: [],
+        };
+        this.runs.push(rec);
+      }
+      const lastLive = rec.points.length ? rec.points[rec.points.length - 1][0] : e.losses.length;
+      const offset = Math.max(0, lastLive - e.losses.length);
+      rec.points = e.losses.map((v, i) => [offset + i + 1, Number(v)]);
+      rec.total = Math.max(rec.total || 0, offset + e.losses.length);
+      rec.done = true;
+      rec.live = false;
+      rec.eta = 0;
+      rec.base = e.base;
+      rec.variant = e.variant;
+      rec.guidance = e.guidance;
+      rec.updated = Date.now();
+    }
+    this.persist(true);
+    charts.changed();
+  },
+};
+
+// ---------------------------------------------------------------- compare pairs
+
+const compareStore = {
+  pairs: {}, // "graph|node" -> {pairs, updated}
+  restore() {
+    const saved = load(COMPARE_KEY);
+    if (saved && typeof saved === "object") this.pairs = saved;
+  },
+  set(graph, node, pairs, fromHistory = false) {
+    const key = `${graph}|${node}`;
+    if (fromHistory && this.pairs[key]) return;
+    this.pairs[key] = { pairs, updated: Date.now() };
+    const keep = Object.entries(this.pairs).sort((a, b) => b[1].updated - a[1].updated).slice(0, KEEP_PAIRS);
+    this.pairs = Object.fromEntries(keep);
+    save(COMPARE_KEY, this.pairs);
+    charts.changed();
+  },
+  get(graph, node) {
+    return this.pairs[`${graph}|${node}`]?.pairs ?? this.pairs[`*|${node}`]?.pairs ?? null;
+  },
+};
+
+// ---------------------------------------------------------------- widgets
+
+const charts = {
+  widgets: new Set(),
+  frame: 0,
+  changed() {
+    if (this.frame) return;
+    this.frame = requestAnimationFrame(() => {
+      this.frame = 0;
+      for (const w of this.widgets) {
+        try {
+          w.refresh();
+        } catch (error) {
+          report("a Dev2Pro widget failed to draw", error);
+        }
+      }
+    });
+  },
+};
+
+function runLabel(r) {
+  const bits = [r.run];
+  if (r.base) bits.push(r.variant ? `${r.base} (${r.variant})` : String(r.base));
+  if (r.guidance !== undefined && r.guidance !== null) bits.push(`g ${r.guidance}`);
+  return bits.join(" · ");
+}
+
+class LossChartWidget {
+  constructor(node) {
+    this.node = node;
+    this.showAll = true;
+    const root = (this.element = document.createElement("div"));
+    root.className = "dev2pro-loss";
+    const head = document.createElement("div");
+    head.className = "dev2pro-loss-head";
+    this.status = document.createElement("span");
+    this.status.className = "dev2pro-loss-status";
+    const toggle = document.createElement("label");
+    toggle.className = "dev2pro-loss-toggle";
+    toggle.title = "Also draw the other runs of the same queue";
+    this.allBox = document.createElement("input");
+    this.allBox.type = "checkbox";
+    this.allBox.checked = true;
+    this.allBox.addEventListener("change", () => {
+      this.showAll = this.allBox.checked;
+      this.refresh();
+    });
+    toggle.append(this.allBox, document.createTextNode(" all runs"));
+    head.append(this.status, toggle);
+    this.canvas = document.createElement("canvas");
+    this.canvas.className = "dev2pro-loss-canvas";
+    root.append(head, this.canvas);
+    this.chart = new LossChart(this.canvas);
+    this.canvas.addEventListener("pointermove", (e) => {
+      this.chart.hoverX = e.clientX - this.canvas.getBoundingClientRect().left;
+      this.chart.draw();
+    });
+    this.canvas.addEventListener("pointerleave", () => {
+      this.chart.hoverX = null;
+      this.chart.draw();
+    });
+    this.resizeObserver = typeof ResizeObserver === "function" ? new ResizeObserver(() => this.chart.draw()) : null;
+    this.resizeObserver?.observe(this.canvas);
+  }
+
+  destroy() {
+    this.resizeObserver?.disconnect();
+  }
+
+  refresh() {
+    const id = executionId(this.node);
+    const graph = graphId(this.node.graph?.rootGraph);
+    const sameGraph = (r) => r.graph === graph || r.graph === "*";
+    const own = id === null ? [] : lossStore.runs.filter((r) => sameGraph(r) && r.node === id);
+    let latest = null;
+    for (const r of own) if (!latest || r.started > latest.started) latest = r;
+    let shown = [];
+    if (latest) {
+      const session = lossStore.runs
+        .filter((r) => sameGraph(r) && r.session === latest.session)
+        .sort((a, b) => a.started - b.started);
+      shown = session
+        .filter((r) => this.showAll || r.node === id)
+        .map((r) => ({
+          label: runLabel(r),
+          color: PALETTE[session.indexOf(r) % PALETTE.length],
+          points: r.points,
+          total: r.total,
+          own: r.node === id,
+        }));
+    }
+    this.chart.setRuns(shown);
+    this.chart.draw();
+    this.status.textContent = latest ? statusText(latest) : "Not trained yet";
+    this.status.title = this.status.textContent;
+    const ownShown = shown.filter((r) => r.own);
+    this.element.dataset.points = String(ownShown.reduce((n, r) => n + r.points.length, 0));
+    this.element.dataset.runs = String(shown.length);
+    this.element.dataset.state = latest ? (latest.done ? "done" : latest.live ? "running" : "stopped") : "empty";
+  }
+}
+
+function statusText(r) {
+  const last = r.points[r.points.length - 1];
+  const step = last ? last[0] : 0;
+  const sm = smooth(r.points.map((p) => p[1]));
+  const smoothed = sm.length ? sm[sm.length - 1] : NaN;
+  const total = r.total ? `/${r.total}` : "";
+  if (r.done) return `${r.run}: done, ${step} steps · smoothed loss ${formatLoss(smoothed)}`;
+  // "seconds" is the duration of the last step.
+  const rate = Number.isFinite(r.seconds) && r.seconds > 0 ? ` · ${r.seconds.toFixed(2)} s/step` : "";
+  if (!r.live) return `${r.run}: stopped at step ${step}${total} · smoothed loss ${formatLoss(smoothed)}`;
+  const eta = Number.isFinite(r.eta) ? ` · ETA ${formatDuration(r.eta)}` : "";
+  return `${r.run}: step ${step}${total} · loss ${formatLoss(last?.[1])} (smoothed ${formatLoss(smoothed)})${rate}${eta}`;
+}
+
+class CompareWidget {
+  constructor(node) {
+    this.node = node;
+    this.view = new CompareView((ref) => {
+      const q = new URLSearchParams({ filename: ref.filename ?? "", subfolder: ref.subfolder ?? "", type: ref.type ?? "temp" });
+      return api.apiURL(`/view?${q}`);
+    });
+    this.element = this.view.element;
+    this.shown = null;
+  }
+
+  destroy() {
+    this.view.destroy();
+  }
+
+  refresh() {
+    const id = executionId(this.node);
+    if (id === null) return;
+    const pairs = compareStore.get(graphId(this.node.graph?.rootGraph), id);
+    if (pairs && pairs !== this.shown) {
+      this.shown = pairs;
+      this.view.setPairs(pairs);
+    }
+  }
+}
+
+function attach(node, name, Widget, minHeight, minWidth) {
+  const controller = new Widget(node);
+  const widget = node.addDOMWidget(name, name, controller.element, {
+    serialize: false, // never part of the workflow's widgets_values or of the prompt
+    hideOnZoom: false,
+    getMinHeight: () => minHeight,
+  });
+  widget.serialize = false;
+  widget.dev2pro = controller;
+  charts.widgets.add(controller);
+  const onRemoved = node.onRemoved;
+  node.onRemoved = function (...args) {
+    charts.widgets.delete(controller);
+    try {
+      controller.destroy();
+    } catch (_) { /* already gone */ }
+    return onRemoved?.apply(this, args);
+  };
+  const size = node.computeSize?.() ?? node.size;
+  node.setSize?.([Math.max(node.size?.[0] ?? 0, minWidth), Math.max(node.size?.[1] ?? 0, size[1])]);
+  charts.changed();
+  return controller;
+}
+
+// ---------------------------------------------------------------- history (page reload)
+
+let historyLoaded = false;
+
+async function restoreFromHistory() {
+  if (historyLoaded) return;
+  historyLoaded = true;
+  const res = await api.fetchApi("/history?max_items=64");
+  if (!res.ok) return;
+  const history = await res.json();
+  const entries = Object.entries(history || {})
+    .map(([id, e]) => ({ id, e, number: Number(e?.prompt?.[0] ?? 0) }))
+    .sort((a, b) => b.number - a.number); // newest first
+  const seen = new Set();
+  for (const { id: promptId, e } of entries) {
+    const prompt = e?.prompt?.[2] ?? {};
+    const wf = e?.prompt?.[3]?.extra_pnginfo?.workflow?.id;
+    const graph = wf ? String(wf) : "*";
+    for (const [nodeId, out] of Object.entries(e?.outputs ?? {})) {
+      const key = `${graph}|${nodeId}`;
+      if (seen.has(key)) continue; // only the newest run of each node
+      const cls = prompt?.[nodeId]?.class_type;
+      if (Array.isArray(out?.dev2pro_losses) && (!cls || cls === TRAIN_NODE)) {
+        seen.add(key);
+        lossStore.finished(nodeId, out.dev2pro_losses, graph, `h:${promptId}`);
+      }
+      if (Array.isArray(out?.dev2pro_compare) && (!cls || cls === COMPARE_NODE)) {
+        seen.add(key);
+        compareStore.set(graph, nodeId, out.dev2pro_compare, true);
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------- styles
+
+const CSS = `
+.dev2pro-loss, .dev2pro-compare {
+  --dev2pro-fg: var(--input-text, #ddd);
+  --dev2pro-grid: rgba(127,127,127,0.25);
+  box-sizing: border-box; width: 100%; height: 100%; display: flex; flex-direction: column;
+  gap: 4px; font: 11px sans-serif; color: var(--input-text, #ddd); overflow: hidden;
+  background: var(--comfy-input-bg, #222); border-radius: 6px; padding: 4px;
+}
+.dev2pro-loss-head { display: flex; align-items: center; gap: 6px; min-height: 16px; }
+.dev2pro-loss-status { flex: 1; white-space: nowrap; overflow: hidden; text-overflow: ellipsis; }
+.dev2pro-loss-toggle { white-space: nowrap; opacity: 0.8; cursor: pointer; display: flex; align-items: center; }
+.dev2pro-loss-toggle input { margin: 0 2px 0 0; }
+.dev2pro-loss-canvas { flex: 1; width: 100%; min-height: 0; display: block; }
+.dev2pro-compare:focus { outline: 1px solid var(--border-color, #555); }
+.dev2pro-compare-bar { display: flex; gap: 4px; align-items: center; }
+.dev2pro-btn { background: var(--comfy-menu-bg, #333); color: inherit; border: 1px solid var(--border-color, #555);
+  border-radius: 4px; padding: 1px 6px; cursor: pointer; font: inherit; }
+.dev2pro-btn:disabled { opacity: 0.4; cursor: default; }
+.dev2pro-btn.dev2pro-active { background: var(--p-primary-color, #2b6cb0); color: #fff; }
+.dev2pro-select { flex: 1; min-width: 0; background: var(--comfy-menu-bg, #333); color: inherit;
+  border: 1px solid var(--border-color, #555); border-radius: 4px; font: inherit; }
+.dev2pro-modes { display: flex; gap: 2px; }
+.dev2pro-compare-stage { position: relative; flex: 1; min-height: 0; }
+.dev2pro-compare-frame { position: absolute; cursor: ew-resize; touch-action: none; user-select: none; }
+.dev2pro-img { position: absolute; inset: 0; width: 100%; height: 100%; pointer-events: none; user-select: none; }
+.dev2pro-split { position: absolute; top: 0; bottom: 0; width: 2px; margin-left: -1px; background: #fff;
+  box-shadow: 0 0 3px rgba(0,0,0,0.8); pointer-events: none; }
+.dev2pro-split-knob { position: absolute; top: 50%; left: -6px; width: 14px; height: 24px; margin-top: -12px;
+  border-radius: 4px; background: #fff; box-shadow: 0 0 3px rgba(0,0,0,0.8); }
+.dev2pro-label { position: absolute; top: 4px; max-width: 46%; padding: 1px 5px; border-radius: 3px;
+  background: rgba(0,0,0,0.65); color: #fff; white-space: nowrap; overflow: hidden; text-overflow: ellipsis;
+  pointer-events: none; }
+.dev2pro-label-a { left: 4px; }
+.dev2pro-label-b { right: 4px; }
+.dev2pro-empty { position: absolute; inset: 0; display: flex; align-items: center; justify-content: center; opacity: 0.6; }
+.dev2pro-compare-caption { white-space: nowrap; overflow: hidden; text-overflow: ellipsis; opacity: 0.85; min-height: 14px; }
+`;
+
+function injectStyle() {
+  if (document.getElementById("dev2pro-style")) return;
+  const style = document.createElement("style");
+  style.id = "dev2pro-style";
+  style.textContent = CSS;
+  document.head.append(style);
+}
+
+// ---------------------------------------------------------------- wiring
+
+guarded("could not restore saved Dev2Pro runs", () => {
+  lossStore.restore();
+  compareStore.restore();
+})();
+
+// Listen at import time, before the socket can deliver a run already in progress.
+guarded("could not listen for Dev2Pro events", () => {
+  api.addEventListener("dev2pro.progress", guarded("a dev2pro.progress message could not be shown", (e) => {
+    if (e?.detail) lossStore.progress(e.detail);
+  }));
+  api.addEventListener("execution_start", guarded("execution_start", (e) => {
+    if (lossStore.queueIdle || !lossStore.session) lossStore.newSession(e?.detail?.prompt_id);
+    lossStore.queueIdle = false;
+  }));
+  api.addEventListener("status", guarded("status", (e) => {
+    const remaining = e?.detail?.status?.exec_info?.queue_remaining;
+    if (remaining === 0) {
+      lossStore.queueIdle = true;
+      let changed = false;
+      for (const r of lossStore.runs) if (r.live) {
+        r.live = false;
+        changed = true;
+      }
+      if (changed) {
+        lossStore.persist(true);
+        charts.changed();
+      }
+    }
+  }));
+})();
+
+app.registerExtension({
+  name: "dev2pro.LoraTrainer",
+
+  async setup() {
+    try {
+      injectStyle();
+      await restoreFromHistory();
+    } catch (error) {
+      report("could not read earlier Dev2Pro runs from /history", error);
+    }
+  },
+
+  async beforeRegisterNodeDef(nodeType, nodeData) {
+    const name = nodeData?.name;
+    if (name !== TRAIN_NODE && name !== COMPARE_NODE) return;
+    const proto = nodeType.prototype;
+    const isTrain = name === TRAIN_NODE;
+
+    const onNodeCreated = proto.onNodeCreated;
+    proto.onNodeCreated = function (...args) {
+      const result = onNodeCreated?.apply(this, args);
+      try {
+        injectStyle();
+        this.dev2pro = isTrain
+          ? attach(this, "dev2pro_loss_chart", LossChartWidget, 200, 420)
+          : attach(this, "dev2pro_compare", CompareWidget, 300, 420);
+      } catch (error) {
+        report(`the ${isTrain ? "loss chart" : "A/B compare"} widget could not be added`, error);
+      }
+      return result;
+    };
+
+    const onExecuted = proto.onExecuted;
+    proto.onExecuted = function (output, ...rest) {
+      const result = onExecuted?.apply(this, [output, ...rest]);
+      try {
+        const id = executionId(this);
+        if (id !== null && isTrain && Array.isArray(output?.dev2pro_losses)) {
+          lossStore.finished(id, output.dev2pro_losses, graphId(this.graph?.rootGraph));
+        }
+        if (id !== null && !isTrain && Array.isArray(output?.dev2pro_compare)) {
+          compareStore.set(graphId(this.graph?.rootGraph), id, output.dev2pro_compare);
+        }
+      } catch (error) {
+        report("an executed result could not be shown", error);
+      }
+      return result;
+    };
+
+    const onConfigure = proto.onConfigure;
+    proto.onConfigure = function (...args) {
+      const result = onConfigure?.apply(this, args);
+      charts.changed(); // the node has its saved id now
+      return result;
+    };
+  },
+
+  async afterConfigureGraph() {
+    charts.changed();
+  },
+});
+
+// For tests and debugging: the live stores (read-only use).
+window.__dev2pro = { lossStore, compareStore, charts, nodeByExecutionId };
