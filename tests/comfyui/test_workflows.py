@@ -18,6 +18,8 @@ import pytest
 from PIL import Image
 from safetensors import safe_open
 
+from scripts.demo_ab import SMOKE_TRAIN, for_small_models, write_demo_images
+
 from .harness import ComfyInterrupted, copy_into, flux_dev_graph, lora_keys_not_loaded
 from .workflow_format import ui_to_api
 
@@ -28,8 +30,7 @@ TRAIN_ONLY = "dev2pro_train_lora_only"
 DEV2PRO_NAME = "test-flux-dev2pro.safetensors"   # the test Flux under a Dev2Pro-like name
 SIZE, SAMPLE_STEPS = 64, 2
 # Small and fast on 2 CPU cores; a large learning rate so two steps visibly move the image.
-TRAIN = dict(steps=2, rank=4, alpha=4.0, learning_rate=0.02, gradient_checkpointing=False,
-             compute_dtype="float32", checkpoint_every=0)
+TRAIN = SMOKE_TRAIN
 TIMEOUT = 600
 
 
@@ -38,31 +39,9 @@ def load_workflow(name: str) -> dict:
 
 
 def for_test_models(prompt: dict, models, **train) -> dict:
-    """The API prompt with the shipped model names replaced by the generated ones, sizes
-    and step counts shrunk, and the two-encoder Flux CLIP replaced by the test CLIP-L."""
-    names = {"flux1-dev.safetensors": models.flux, "flux-dev2pro-fp8.safetensors": DEV2PRO_NAME}
-    for node in prompt.values():
-        kind, inputs = node["class_type"], node["inputs"]
-        if kind == "Dev2ProLoadTrainingBase":
-            inputs["base_name"] = names[inputs["base_name"]]
-        elif kind == "UNETLoader":
-            inputs["unet_name"] = names[inputs["unet_name"]]
-        elif kind == "VAELoader":
-            inputs["vae_name"] = models.vae
-        elif kind == "DualCLIPLoader":
-            node["class_type"] = "CLIPLoader"
-            node["inputs"] = {"clip_name": models.clip_l, "type": "stable_diffusion", "device": "default"}
-        elif kind == "EmptySD3LatentImage":
-            inputs.update(width=SIZE, height=SIZE, batch_size=1)
-        elif kind == "ModelSamplingFlux":
-            inputs.update(width=SIZE, height=SIZE)
-        elif kind == "KSampler":
-            inputs["steps"] = SAMPLE_STEPS
-        elif kind == "Dev2ProEncodeDataset":
-            inputs["resolution"] = SIZE
-        elif kind == "Dev2ProTrainLoRA":
-            inputs.update(TRAIN, **train)
-    return prompt
+    """The API prompt moved onto the generated models, as the smoke demo does it."""
+    return for_small_models(prompt, models.flux, DEV2PRO_NAME, models.clip_l, models.vae,
+                            size=SIZE, sample_steps=SAMPLE_STEPS, **{**TRAIN, **train})
 
 
 def nodes_of(prompt: dict, kind: str) -> list[str]:
@@ -94,28 +73,11 @@ def find_in(grid: np.ndarray, tile: np.ndarray, tolerance: float = 1.0) -> list[
             if np.abs(grid[y:y + h, x:x + w] - tile).max() <= tolerance]
 
 
-def write_training_images(root: Path) -> None:
-    """A kohya folder: two captioned images repeated twice, one RGBA image without a
-    caption, one unreadable file (both must be reported by name, not fatal)."""
-    folder = root / "2_dog"
-    folder.mkdir(parents=True, exist_ok=True)
-    ramp = np.linspace(0, 255, 96, dtype=np.uint8)
-    for i, caption in enumerate(["a dog on grass", "a dog on a bench"]):
-        rgb = np.stack([np.tile(ramp, (80, 1)), np.tile(ramp[::-1], (80, 1)),
-                        np.full((80, 96), 60 + 90 * i, np.uint8)], axis=-1)
-        Image.fromarray(rgb).save(folder / f"dog{i}.png")
-        (folder / f"dog{i}.txt").write_text(caption)
-    rgba = np.zeros((64, 64, 4), np.uint8)
-    rgba[16:48, 16:48] = (200, 40, 40, 255)
-    Image.fromarray(rgba, "RGBA").save(root / "uncaptioned.png")
-    (root / "broken.png").write_bytes(b"not an image")
-
-
 @pytest.fixture(scope="module")
 def setup(comfy_server, comfy_models):
     copy_into(comfy_server.model_path("diffusion_models", comfy_models.flux),
               comfy_server.model_path("diffusion_models", DEV2PRO_NAME))
-    write_training_images(comfy_server.input_dir / "training" / "my_subject")
+    write_demo_images(comfy_server.input_dir / "training" / "my_subject")
     return comfy_server, comfy_models, comfy_server.object_info()
 
 
