@@ -13,6 +13,7 @@ import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
 import { LossChart, PALETTE, formatDuration, formatLoss, smooth } from "./dev2pro_chart.js";
 import { CompareView } from "./dev2pro_compare.js";
+import { injectStyle } from "./dev2pro_style.js";
 
 const TRAIN_NODE = "Dev2ProTrainLoRA";
 const COMPARE_NODE = "Dev2ProCompareGrid";
@@ -447,54 +448,6 @@ async function restoreFromHistory() {
       }
     }
   }
-}
-
-// ---------------------------------------------------------------- styles
-
-const CSS = `
-.dev2pro-loss, .dev2pro-compare {
-  --dev2pro-fg: var(--input-text, #ddd);
-  --dev2pro-grid: rgba(127,127,127,0.25);
-  box-sizing: border-box; width: 100%; height: 100%; display: flex; flex-direction: column;
-  gap: 4px; font: 11px sans-serif; color: var(--input-text, #ddd); overflow: hidden;
-  background: var(--comfy-input-bg, #222); border-radius: 6px; padding: 4px;
-}
-.dev2pro-loss-head { display: flex; align-items: center; gap: 6px; min-height: 16px; }
-.dev2pro-loss-status { flex: 1; white-space: nowrap; overflow: hidden; text-overflow: ellipsis; }
-.dev2pro-loss-toggle { white-space: nowrap; opacity: 0.8; cursor: pointer; display: flex; align-items: center; }
-.dev2pro-loss-toggle input { margin: 0 2px 0 0; }
-.dev2pro-loss-canvas { flex: 1; width: 100%; min-height: 0; display: block; }
-.dev2pro-compare:focus { outline: 1px solid var(--border-color, #555); }
-.dev2pro-compare-bar { display: flex; gap: 4px; align-items: center; }
-.dev2pro-btn { background: var(--comfy-menu-bg, #333); color: inherit; border: 1px solid var(--border-color, #555);
-  border-radius: 4px; padding: 1px 6px; cursor: pointer; font: inherit; }
-.dev2pro-btn:disabled { opacity: 0.4; cursor: default; }
-.dev2pro-btn.dev2pro-active { background: var(--p-primary-color, #2b6cb0); color: #fff; }
-.dev2pro-select { flex: 1; min-width: 0; background: var(--comfy-menu-bg, #333); color: inherit;
-  border: 1px solid var(--border-color, #555); border-radius: 4px; font: inherit; }
-.dev2pro-modes { display: flex; gap: 2px; }
-.dev2pro-compare-stage { position: relative; flex: 1; min-height: 0; }
-.dev2pro-compare-frame { position: absolute; cursor: ew-resize; touch-action: none; user-select: none; }
-.dev2pro-img { position: absolute; inset: 0; width: 100%; height: 100%; pointer-events: none; user-select: none; }
-.dev2pro-split { position: absolute; top: 0; bottom: 0; width: 2px; margin-left: -1px; background: #fff;
-  box-shadow: 0 0 3px rgba(0,0,0,0.8); pointer-events: none; }
-.dev2pro-split-knob { position: absolute; top: 50%; left: -6px; width: 14px; height: 24px; margin-top: -12px;
-  border-radius: 4px; background: #fff; box-shadow: 0 0 3px rgba(0,0,0,0.8); }
-.dev2pro-label { position: absolute; top: 4px; max-width: 46%; padding: 1px 5px; border-radius: 3px;
-  background: rgba(0,0,0,0.65); color: #fff; white-space: nowrap; overflow: hidden; text-overflow: ellipsis;
-  pointer-events: none; }
-.dev2pro-label-a { left: 4px; }
-.dev2pro-label-b { right: 4px; }
-.dev2pro-empty { position: absolute; inset: 0; display: flex; align-items: center; justify-content: center; opacity: 0.6; }
-.dev2pro-compare-caption { white-space: nowrap; overflow: hidden; text-overflow: ellipsis; opacity: 0.85; min-height: 14px; }
-`;
-
-function injectStyle() {
-  if (document.getElementById("dev2pro-style")) return;
-  const style = document.createElement("style");
-  style.id = "dev2pro-style";
-  style.textContent = CSS;
-  document.head.append(style);
 }
 
 // ---------------------------------------------------------------- wiring
