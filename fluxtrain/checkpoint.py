@@ -141,11 +141,10 @@ def bfl_to_diffusers(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def diffusers_to_bfl(tensors: Mapping[str, torch.Tensor],
-                     where: str = "diffusers weights") -> dict[str, torch.Tensor]:
-    """diffusers keys -> BFL keys. Reads one layer at a time from `tensors` (which may
-    be lazy), so only the result and one layer's pieces are in memory."""
-    keys = set(tensors.keys())
+def _diffusers_sources(keys, where: str) -> dict[str, tuple[str, ...]]:
+    """{BFL key: the diffusers keys concatenated (dim 0) into it} for the keys of a
+    diffusers transformer; raises for incomplete fused groups and foreign keys."""
+    keys = set(keys)
     key_map = diffusers_key_map(_block_count(keys, "transformer_blocks."),
                                 _block_count(keys, "single_transformer_blocks."),
                                 "time_text_embed.guidance_embedder.linear_1.weight" in keys)
@@ -159,8 +158,7 @@ def diffusers_to_bfl(tensors: Mapping[str, torch.Tensor],
             raise CheckpointError(
                 f"{where}: {missing} are missing while {present} are present; the file set is "
                 "incomplete or not a Flux transformer. Re-download the model.")
-        t = torch.cat([tensors[p] for p in parts], dim=0) if len(parts) > 1 else tensors[parts[0]]
-        out[bfl] = _swap_halves(t) if bfl in _SWAP_HALVES else t
+        out[bfl] = parts
         used.update(parts)
     extra = sorted(keys - used)
     if extra:
@@ -169,6 +167,21 @@ def diffusers_to_bfl(tensors: Mapping[str, torch.Tensor],
             "Expected a FLUX.1 diffusers transformer (x_embedder, transformer_blocks.N, "
             "single_transformer_blocks.N, ...); check that this is the Flux model folder.")
     return out
+
+
+def _assemble(tensors: Mapping[str, torch.Tensor], bfl: str, parts: tuple[str, ...],
+              from_diffusers: bool) -> torch.Tensor:
+    """The BFL tensor `bfl` from its stored pieces (one key, or diffusers' split parts)."""
+    t = torch.cat([tensors[p] for p in parts], dim=0) if len(parts) > 1 else tensors[parts[0]]
+    return _swap_halves(t) if from_diffusers and bfl in _SWAP_HALVES else t
+
+
+def diffusers_to_bfl(tensors: Mapping[str, torch.Tensor],
+                     where: str = "diffusers weights") -> dict[str, torch.Tensor]:
+    """diffusers keys -> BFL keys. Reads one layer at a time from `tensors` (which may
+    be lazy), so only the result and one layer's pieces are in memory."""
+    return {bfl: _assemble(tensors, bfl, parts, True)
+            for bfl, parts in _diffusers_sources(tensors.keys(), where).items()}
 
 
 # ---------------------------------------------------------------- files
@@ -208,6 +221,71 @@ def _open_all(files: list[Path], stack: ExitStack) -> dict[str, object]:
             raise _corrupt(f, e) from e
         handles.update((k, h) for k in h.keys())
     return handles
+
+
+@dataclass(frozen=True)
+class TensorMeta:
+    """What a safetensors header says about one tensor."""
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+
+_ST_DTYPES = {name: getattr(torch, attr) for name, attr in (
+    ("BOOL", "bool"), ("U8", "uint8"), ("I8", "int8"), ("I16", "int16"), ("U16", "uint16"),
+    ("I32", "int32"), ("U32", "uint32"), ("I64", "int64"), ("U64", "uint64"),
+    ("F16", "float16"), ("BF16", "bfloat16"), ("F32", "float32"), ("F64", "float64"),
+    ("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2"), ("F8_E8M0", "float8_e8m0fnu"),
+) if hasattr(torch, attr)}
+_MAX_HEADER = 100 * 1024 * 1024  # safetensors' own limit
+
+
+def read_header(path: str | os.PathLike) -> dict[str, TensorMeta]:
+    """{key: TensorMeta} from a safetensors file's header (8-byte little-endian length,
+    then JSON), reading only those bytes. Checks what safe_open checks before it maps
+    the file (offsets consistent with dtype and shape, data covering exactly the rest
+    of the file), so a truncated or corrupt file fails here with the same error."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as fh:
+            head = fh.read(8)
+            n = int.from_bytes(head, "little") if len(head) == 8 else -1
+            if not 2 <= n <= min(_MAX_HEADER, size - 8):
+                raise ValueError("the header is longer than the file" if len(head) == 8
+                                 else "the file is shorter than a header")
+            header = json.loads(fh.read(n))
+        if not isinstance(header, dict):
+            raise ValueError("the header is not a JSON object")
+        metas, end = {}, 0
+        for key, entry in header.items():
+            if key == "__metadata__":
+                continue
+            begin, stop = (int(x) for x in entry["data_offsets"])
+            shape = tuple(int(d) for d in entry["shape"])
+            dtype = _ST_DTYPES.get(entry["dtype"])
+            if dtype is None:
+                raise ValueError(f"tensor {key!r} has dtype {entry['dtype']!r}, which this "
+                                 f"reader does not know (known: {sorted(_ST_DTYPES)})")
+            numel = 1
+            for d in shape:
+                numel *= d
+            if not 0 <= begin <= stop or stop - begin != numel * dtype.itemsize:
+                raise ValueError(f"tensor {key!r}: data_offsets {[begin, stop]} do not fit "
+                                 f"{entry['dtype']} {list(shape)}")
+            metas[key] = TensorMeta(dtype, shape)
+            end = max(end, stop)
+        if 8 + n + end != size:
+            raise ValueError(f"the header describes {8 + n + end} bytes, the file has {size}")
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise _corrupt(path, e) from e
+    return metas
+
+
+def _read_headers(files: list[Path]) -> dict[str, TensorMeta]:
+    metas = {}
+    for f in files:
+        metas.update(read_header(f))
+    return metas
 
 
 def _diffusers_folder(path: Path) -> Path | None:
@@ -260,12 +338,13 @@ def _model_name(p: Path) -> str:
     return p.name
 
 
-def _split_bfl_file(tensors: Mapping[str, torch.Tensor], where: str):
+def _bfl_sources(keys, where: str):
     """Pick the transformer part of a single file: strip an all-in-one prefix, drop other
-    models (VAE, text encoders), separate scaled-fp8 scales. Returns (sd, scales, scaled)."""
-    keys = list(tensors.keys())
+    models (VAE, text encoders), separate scaled-fp8 scales.
+    Returns ({BFL key: (stored key,)}, {BFL layer: stored key of its scale}, scaled)."""
+    keys = list(keys)
     prefix = next((pre for pre in TRANSFORMER_PREFIXES if any(k.startswith(pre) for k in keys)), "")
-    sd, scales, scaled = {}, {}, False
+    sources, scales, scaled = {}, {}, False
     for k in keys:
         if not k.startswith(prefix):
             continue  # another model of an all-in-one checkpoint
@@ -273,22 +352,30 @@ def _split_bfl_file(tensors: Mapping[str, torch.Tensor], where: str):
         if name == SCALED_FP8_MARKER:
             scaled = True
         elif name.endswith(SCALE_WEIGHT):
-            scales[name[:-len(SCALE_WEIGHT)]] = tensors[k].float()
+            scales[name[:-len(SCALE_WEIGHT)]] = k
         elif not name.endswith(SCALE_INPUT):
-            sd[name] = tensors[k]
-    orphans = sorted(layer for layer in scales if f"{layer}.weight" not in sd)
+            sources[name] = (k,)
+    orphans = sorted(layer for layer in scales if f"{layer}.weight" not in sources)
     if orphans:
         raise CheckpointError(f"{where}: scale_weight for layers {orphans[:3]} that have no "
                               "weight; the file is damaged or not a Flux transformer.")
-    return sd, scales, scaled or bool(scales)
+    return sources, scales, scaled or bool(scales)
 
 
-def _check_keys(sd: Mapping[str, torch.Tensor], params: FluxParams, where: str):
+@dataclass
+class _Layout:
+    """Where each BFL tensor of a checkpoint is stored: everything known from headers."""
+    info: CheckpointInfo
+    sources: dict[str, tuple[str, ...]]   # BFL key -> stored keys, concatenated on dim 0
+    scales: dict[str, str]                # BFL layer -> stored key of its scale_weight
+
+
+def _check_keys(shapes: Mapping[str, tuple[int, ...]], params: FluxParams, where: str):
     want = expected_shapes(params)
-    missing = sorted(set(want) - set(sd))
-    extra = sorted(set(sd) - set(want))
-    wrong = [f"{k}: {tuple(sd[k].shape)} (expected {want[k]})"
-             for k in sorted(set(want) & set(sd)) if tuple(sd[k].shape) != want[k]]
+    missing = sorted(set(want) - set(shapes))
+    extra = sorted(set(shapes) - set(want))
+    wrong = [f"{k}: {shapes[k]} (expected {want[k]})"
+             for k in sorted(set(want) & set(shapes)) if shapes[k] != want[k]]
     if missing or extra or wrong:
         raise CheckpointError(
             f"{where} does not match the Flux shapes inferred from it ({params}): "
@@ -296,28 +383,25 @@ def _check_keys(sd: Mapping[str, torch.Tensor], params: FluxParams, where: str):
             "The file is incomplete or a Flux variant this trainer does not support.")
 
 
-def _main_dtype(sd: Mapping[str, torch.Tensor]) -> torch.dtype:
-    return Counter(t.dtype for t in sd.values() if t.ndim == 2).most_common(1)[0][0]
-
-
-def load_state_dict(path: str | os.PathLike, require_guidance: bool = False
-                    ) -> tuple[dict[str, torch.Tensor], CheckpointInfo]:
-    """Read a Flux transformer (single .safetensors or diffusers folder) into BFL keys,
-    tensors in their stored dtype. `require_guidance` rejects schnell-type models."""
+def _layout(path: str | os.PathLike, require_guidance: bool) -> _Layout:
+    """Read the headers of a checkpoint's files (no tensor data), map its keys onto BFL
+    keys, infer and check the shapes, and describe it."""
     files = weight_files(path)
     p = Path(path)
-    with ExitStack() as stack:
-        tensors = _LazyTensors(_open_all(files, stack), str(path))
-        if p.is_dir():
-            sd, scales, fmt = diffusers_to_bfl(tensors, str(path)), {}, "diffusers"
-        else:
-            sd, scales, scaled = _split_bfl_file(tensors, str(path))
-            fmt = "scaled_fp8" if scaled else "bfl"
+    metas = _read_headers(files)
+    if p.is_dir():
+        sources, scales, fmt = _diffusers_sources(metas, str(path)), {}, "diffusers"
+    else:
+        sources, scales, scaled = _bfl_sources(metas, str(path))
+        fmt = "scaled_fp8" if scaled else "bfl"
+    parts = {bfl: [metas[k] for k in keys] for bfl, keys in sources.items()}
+    shapes = {bfl: (sum(m.shape[0] for m in ms), *ms[0].shape[1:]) if len(ms) > 1 else ms[0].shape
+              for bfl, ms in parts.items()}
     try:
-        params = FluxParams.from_state_dict({k: tuple(v.shape) for k, v in sd.items()})
+        params = FluxParams.from_state_dict(shapes)
     except CheckpointError as e:
         raise CheckpointError(f"{path}: {e}") from e
-    _check_keys(sd, params, str(path))
+    _check_keys(shapes, params, str(path))
     name = _model_name(p)
     is_schnell = not params.guidance_embed
     if require_guidance and is_schnell:
@@ -326,9 +410,37 @@ def load_state_dict(path: str | os.PathLike, require_guidance: bool = False
             "guidance input, but guidance training was requested. Use FLUX.1-dev or "
             "Flux-Dev2Pro, or train without a guidance value.")
     variant = ("dev2pro" if "dev2pro" in name.lower() else "schnell" if is_schnell else "dev")
-    info = CheckpointInfo(path=str(path), name=name, format=fmt, dtype=_main_dtype(sd),
-                          params=params, is_schnell=is_schnell, variant=variant,
-                          files=[str(f) for f in files], weight_scales=scales)
+    # Storage dtype of the Linear weights: the most common dtype of the 2-D tensors.
+    dtype = Counter(ms[0].dtype for bfl, ms in parts.items()
+                    if len(shapes[bfl]) == 2).most_common(1)[0][0]
+    info = CheckpointInfo(path=str(path), name=name, format=fmt, dtype=dtype, params=params,
+                          is_schnell=is_schnell, variant=variant, files=[str(f) for f in files])
+    return _Layout(info, sources, scales)
+
+
+def describe_checkpoint(path: str | os.PathLike, require_guidance: bool = False) -> CheckpointInfo:
+    """What load_state_dict would say about a checkpoint (format, dtype, params, variant,
+    name, files), from the safetensors headers alone: no tensor data is read and no
+    diffusers shard is concatenated, so describing a 12 GB model takes milliseconds.
+    Raises the same CheckpointErrors as load_state_dict (non-Flux files, missing or
+    foreign tensors, truncated files, missing shards, schnell with `require_guidance`).
+    `weight_scales` stays empty: scaled-fp8 scales are tensor data (format says
+    "scaled_fp8" all the same)."""
+    return _layout(path, require_guidance).info
+
+
+def load_state_dict(path: str | os.PathLike, require_guidance: bool = False
+                    ) -> tuple[dict[str, torch.Tensor], CheckpointInfo]:
+    """Read a Flux transformer (single .safetensors or diffusers folder) into BFL keys,
+    tensors in their stored dtype. `require_guidance` rejects schnell-type models.
+    Everything is checked from the headers (describe_checkpoint) before any tensor is read."""
+    layout = _layout(path, require_guidance)
+    info = layout.info
+    diffusers = info.format == "diffusers"
+    with ExitStack() as stack:
+        tensors = _LazyTensors(_open_all([Path(f) for f in info.files], stack), str(path))
+        sd = {bfl: _assemble(tensors, bfl, keys, diffusers) for bfl, keys in layout.sources.items()}
+        info.weight_scales = {layer: tensors[k].float() for layer, k in layout.scales.items()}
     return sd, info
 
 

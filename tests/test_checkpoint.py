@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import json
 import os
 
 import pytest
@@ -12,7 +13,8 @@ from safetensors.torch import save_file
 
 from fluxtrain import checkpoint
 from fluxtrain.checkpoint import (CheckpointError, bfl_to_diffusers, content_hash,
-                                  diffusers_to_bfl, load_flux, load_state_dict)
+                                  describe_checkpoint, diffusers_to_bfl, load_flux,
+                                  load_state_dict)
 from fluxtrain.flux import pack_latents, text_ids
 from fluxtrain.params import TINY, expected_shapes
 from fluxtrain.synthetic import (random_state_dict, scale_fp8, write_bfl, write_diffusers,
@@ -214,6 +216,74 @@ def test_name_and_variant_are_guessed_from_the_file_or_model_folder(tmp_path, ti
         "flux1-dev-fp8.safetensors", "dev", str(tmp_path / "flux1-dev-fp8.safetensors"))
 
 
+# ---------------------------------------------------------------- describe (headers only)
+
+@pytest.mark.parametrize("params", [TINY, TINY_1x1], ids=["tiny", "1x1"])
+@pytest.mark.parametrize("fmt", FORMATS, ids=[f[0] for f in FORMATS])
+def test_describe_says_what_load_says_for_every_format(tmp_path, params, fmt):
+    _, write, _, fmt_name, dtype = fmt
+    path = write(random_state_dict(params, seed=3), tmp_path)
+    described = describe_checkpoint(path)
+    _, loaded = load_state_dict(path)
+    assert dataclasses.replace(loaded, weight_scales={}) == described
+    assert (described.format, described.dtype, described.params) == (fmt_name, dtype, params)
+    assert described.weight_scales == {}  # scales are tensor data: documented as left empty
+
+
+class _CountingFile:
+    """A binary file that counts the bytes read from it."""
+
+    def __init__(self, fh, counter):
+        self._fh, self._counter = fh, counter
+
+    def read(self, n=-1):
+        data = self._fh.read(n)
+        self._counter[0] += len(data)
+        return data
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self._fh.close()
+
+    def __getattr__(self, name):
+        return getattr(self._fh, name)
+
+
+@pytest.mark.parametrize("fmt", FORMATS, ids=[f[0] for f in FORMATS])
+def test_describe_reads_only_the_headers(tmp_path, monkeypatch, fmt):
+    _, write, _, _, _ = fmt
+    path = write(random_state_dict(TINY, seed=3), tmp_path)
+    files = checkpoint.weight_files(path)
+    header_bytes = sum(8 + int.from_bytes(f.read_bytes()[:8], "little") for f in files)
+    data_bytes = sum(f.stat().st_size for f in files) - header_bytes
+    assert data_bytes > 100_000
+
+    read = [0]
+    real_open = open
+    monkeypatch.setattr(checkpoint, "open", lambda *a, **k: _CountingFile(real_open(*a, **k), read),
+                        raising=False)
+
+    def no_tensor_data(*args, **kwargs):
+        raise AssertionError("describe_checkpoint opened a file with safe_open")
+
+    monkeypatch.setattr(checkpoint, "safe_open", no_tensor_data)
+    monkeypatch.setattr(torch, "cat", lambda *a, **k: pytest.fail("concatenated tensors"))
+    info = describe_checkpoint(path)
+    assert info.params == TINY
+    assert read[0] == header_bytes, f"read {read[0]} bytes; the headers are {header_bytes}"
+
+
+def _describe_as_load(path, **kwargs):
+    return None, describe_checkpoint(path, **kwargs)
+
+
+# The error tests below run against both readers: a base that describes must load.
+READERS = pytest.mark.parametrize("read", [load_state_dict, _describe_as_load],
+                                  ids=["load", "describe"])
+
+
 # ---------------------------------------------------------------- content hash
 
 def test_content_hash_covers_tensor_data_only_and_is_cached(tmp_path, tiny_sd, monkeypatch):
@@ -248,91 +318,112 @@ def test_content_hash_of_diffusers_folder_covers_every_shard(tmp_path, tiny_sd):
 
 # ---------------------------------------------------------------- errors
 
-def test_sdxl_like_file_is_not_flux(tmp_path):
+@READERS
+def test_sdxl_like_file_is_not_flux(read, tmp_path):
     path = tmp_path / "sdxl.safetensors"
     save_file({"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(4, 4, 3, 3),
                "model.diffusion_model.out.2.weight": torch.zeros(4, 4, 3, 3),
                "conditioner.embedders.0.transformer.text_model.x": torch.zeros(2)}, str(path))
     with pytest.raises(CheckpointError, match="not a Flux transformer") as e:
-        load_state_dict(path)
+        read(path)
     assert "sdxl.safetensors" in str(e.value) and "img_in.weight" in str(e.value)
 
 
-def test_vae_file_is_not_flux(tmp_path):
+@READERS
+def test_vae_file_is_not_flux(read, tmp_path):
     path = tmp_path / "ae.safetensors"
     save_file({"encoder.conv_in.weight": torch.zeros(8, 3, 3, 3),
                "decoder.conv_out.weight": torch.zeros(3, 8, 3, 3)}, str(path))
     with pytest.raises(CheckpointError, match="not a Flux transformer.*diffusers"):
-        load_state_dict(path)
+        read(path)
 
 
-def test_file_missing_a_tensor_names_it(tmp_path, tiny_sd):
+@READERS
+def test_file_missing_a_tensor_names_it(read, tmp_path, tiny_sd):
     path = tmp_path / "m.safetensors"
     write_bfl({k: v for k, v in tiny_sd.items() if k != "double_blocks.1.txt_mlp.2.bias"}, path)
     with pytest.raises(CheckpointError, match=r"missing \['double_blocks.1.txt_mlp.2.bias'\]"):
-        load_state_dict(path)
+        read(path)
 
 
-def test_schnell_is_refused_when_guidance_is_required(tmp_path):
+@READERS
+def test_schnell_is_refused_when_guidance_is_required(read, tmp_path):
     schnell = dataclasses.replace(TINY, guidance_embed=False)
     path = tmp_path / "flux1-schnell.safetensors"
     write_bfl(random_state_dict(schnell), path, torch.bfloat16)
-    _, info = load_state_dict(path)
+    _, info = read(path)
     assert info.is_schnell and info.variant == "schnell" and info.params == schnell
     with pytest.raises(CheckpointError, match="no guidance_in.*schnell.*Dev2Pro"):
-        load_state_dict(path, require_guidance=True)
+        read(path, require_guidance=True)
     with pytest.raises(CheckpointError, match="schnell"):
         load_flux(path, require_guidance=True)
 
 
-@pytest.mark.parametrize("damage", ["truncated", "garbage", "empty"])
-def test_damaged_file_says_truncated_or_corrupt(tmp_path, tiny_sd, damage):
+def _with_wrong_dtype(data: bytes) -> bytes:
+    """The file with one tensor's dtype doubled in width in the header: its data_offsets
+    no longer fit its shape, though the file still has exactly the bytes the header spans."""
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + n])
+    header["img_in.weight"]["dtype"] = "F32"
+    text = json.dumps(header).encode()
+    return len(text).to_bytes(8, "little") + text + data[8 + n:]
+
+
+@READERS
+@pytest.mark.parametrize("damage", ["truncated", "appended", "garbage", "empty", "bad-offsets"])
+def test_damaged_file_says_truncated_or_corrupt(read, tmp_path, tiny_sd, damage):
     path = tmp_path / "m.safetensors"
     write_bfl(tiny_sd, path, torch.bfloat16)
     data = path.read_bytes()
-    path.write_bytes({"truncated": data[:-1000], "garbage": os.urandom(4096),
-                      "empty": b""}[damage])
+    path.write_bytes({"truncated": data[:-1000], "appended": data + b"x" * 16,
+                      "garbage": os.urandom(4096), "empty": b"",
+                      "bad-offsets": _with_wrong_dtype(data)}[damage])
     with pytest.raises(CheckpointError, match="truncated or corrupt.*Re-download") as e:
-        load_state_dict(path)
+        read(path)
     assert str(path) in str(e.value)
     with pytest.raises(CheckpointError, match="truncated or corrupt"):
         load_flux(path)
-    if damage != "truncated":  # the hash reads only the header size, not the whole header
+    if damage in ("garbage", "empty"):  # the hash reads only the header size, not the whole header
         with pytest.raises(CheckpointError, match="truncated or corrupt"):
             content_hash(path)
 
 
-def test_missing_shard_is_named(tmp_path, tiny_sd):
+@READERS
+def test_missing_shard_is_named(read, tmp_path, tiny_sd):
     folder = write_diffusers(tiny_sd, tmp_path / "model", torch.bfloat16, SMALL_SHARDS)
     gone = sorted(folder.glob("*-of-*.safetensors"))[1]
     gone.unlink()
-    for call in (load_state_dict, content_hash):
+    for call in (read, content_hash):
         with pytest.raises(CheckpointError, match=f"{gone.name}.*incomplete.*Download the missing"):
             call(tmp_path / "model")
 
 
-def test_path_that_does_not_exist(tmp_path):
+@READERS
+def test_path_that_does_not_exist(read, tmp_path):
     with pytest.raises(CheckpointError, match="nope.safetensors' does not exist"):
-        load_state_dict(tmp_path / "nope.safetensors")
+        read(tmp_path / "nope.safetensors")
 
 
-def test_folder_without_diffusers_index(tmp_path):
+@READERS
+def test_folder_without_diffusers_index(read, tmp_path):
     (tmp_path / "stuff").mkdir()
     (tmp_path / "stuff" / "readme.txt").write_text("hi")
     with pytest.raises(CheckpointError,
                        match="holds no diffusers transformer.*index.json.*readme.txt"):
-        load_state_dict(tmp_path / "stuff")
+        read(tmp_path / "stuff")
 
 
-def test_unsharded_diffusers_folder_loads_and_foreign_tensors_are_named(tmp_path, tiny_sd):
+@READERS
+def test_unsharded_diffusers_folder_loads_and_foreign_tensors_are_named(read, tmp_path, tiny_sd):
     d = tmp_path / "model" / "transformer"
     d.mkdir(parents=True)
     single = d / "diffusion_pytorch_model.safetensors"
     save_file(bfl_to_diffusers(tiny_sd), str(single))
     sd, info = load_state_dict(tmp_path / "model")
     assert info.format == "diffusers" and all(torch.equal(sd[k], tiny_sd[k]) for k in tiny_sd)
+    assert describe_checkpoint(tmp_path / "model") == info
     save_file({**bfl_to_diffusers(tiny_sd), "pos_embed.proj.weight": torch.zeros(2, 2)},
               str(single))
     with pytest.raises(CheckpointError,
                        match="no place in a Flux transformer.*pos_embed.proj.weight"):
-        load_state_dict(tmp_path / "model")
+        read(tmp_path / "model")
