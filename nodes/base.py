@@ -1,7 +1,7 @@
 """Dev2ProLoadTrainingBase: pick the model to train on, get a light handle.
 
-The node reads only the file's layout (tensors are memory-mapped and dropped at
-once), and passes on a path and a description. Train loads the weights itself
+The node reads only the safetensors headers (keys, shapes, dtypes; no tensor
+data), and passes on a path and a description. Train loads the weights itself
 and releases them when done, so no 12 GB model stays in ComfyUI's output cache.
 """
 
@@ -13,7 +13,7 @@ from pathlib import Path
 import folder_paths
 from comfy_api.latest import io
 
-from ..fluxtrain.checkpoint import DIFFUSERS_INDEX, DIFFUSERS_SINGLE, load_state_dict
+from ..fluxtrain.checkpoint import DIFFUSERS_INDEX, DIFFUSERS_SINGLE, describe_checkpoint
 from ..fluxtrain.files import UnsafePathError, safe_join
 from ..fluxtrain.params import CheckpointError
 from .common import CATEGORY, BaseType
@@ -68,9 +68,8 @@ def resolve_base(choice: str) -> Path:
 
 
 def describe(path: Path, variant: str = "auto") -> dict:
-    """The handle: where the base is and what it is. Tensors are read lazily and dropped."""
-    sd, info = load_state_dict(path, require_guidance=True)
-    del sd
+    """The handle: where the base is and what it is, from the file headers alone."""
+    info = describe_checkpoint(path, require_guidance=True)
     p = info.params
     handle = {
         "path": str(path), "name": info.name, "format": info.format,
