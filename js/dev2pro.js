@@ -344,7 +344,7 @@ class LossChartWidget {
     this.chart.setRuns(shown);
     this.chart.draw();
     this.status.textContent = latest ? statusText(latest) : "Not trained yet";
-    this.status.title = this.status.textContent;
+    this.status.title = latest ? `${runLabel(latest)}: ${this.status.textContent}` : "";
     const ownShown = shown.filter((r) => r.own);
     this.element.dataset.points = String(ownShown.reduce((n, r) => n + r.points.length, 0));
     this.element.dataset.runs = String(shown.length);
@@ -358,12 +358,12 @@ function statusText(r) {
   const sm = smooth(r.points.map((p) => p[1]));
   const smoothed = sm.length ? sm[sm.length - 1] : NaN;
   const total = r.total ? `/${r.total}` : "";
-  if (r.done) return `${r.run}: done, ${step} steps · smoothed loss ${formatLoss(smoothed)}`;
+  if (r.done) return `done, ${step} steps · smoothed loss ${formatLoss(smoothed)}`;
+  if (!r.live) return `stopped at step ${step}${total} · smoothed loss ${formatLoss(smoothed)}`;
   // "seconds" is the duration of the last step.
   const rate = Number.isFinite(r.seconds) && r.seconds > 0 ? ` · ${r.seconds.toFixed(2)} s/step` : "";
-  if (!r.live) return `${r.run}: stopped at step ${step}${total} · smoothed loss ${formatLoss(smoothed)}`;
   const eta = Number.isFinite(r.eta) ? ` · ETA ${formatDuration(r.eta)}` : "";
-  return `${r.run}: step ${step}${total} · loss ${formatLoss(last?.[1])} (smoothed ${formatLoss(smoothed)})${rate}${eta}`;
+  return `step ${step}${total} · loss ${formatLoss(last?.[1])} (smoothed ${formatLoss(smoothed)})${eta}${rate}`;
 }
 
 class CompareWidget {

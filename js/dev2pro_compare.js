@@ -193,7 +193,7 @@ export class CompareView {
     this.frame.style.display = pair ? "" : "none";
     this.empty.style.display = pair ? "none" : "";
     if (!pair) {
-      this.caption.textContent = "";
+      this.caption.replaceChildren();
       return;
     }
     const srcA = this.urlOf(pair.a);
@@ -216,8 +216,12 @@ export class CompareView {
     if (pair.prompt !== undefined) bits.push(`“${pair.prompt}”`);
     if (pair.seed !== undefined) bits.push(`seed ${pair.seed}`);
     if (pair.strength !== undefined) bits.push(`strength ${pair.strength}`);
-    this.caption.textContent = bits.join(" · ");
-    this.caption.title = this.caption.textContent;
+    this.caption.replaceChildren(
+      el("div", "dev2pro-caption-line dev2pro-caption-a", this.labelA.textContent),
+      el("div", "dev2pro-caption-line dev2pro-caption-b", this.labelB.textContent),
+      el("div", "dev2pro-caption-line dev2pro-caption-prompt", bits.join(" · ")),
+    );
+    this.caption.title = `${this.labelA.textContent}\n${this.labelB.textContent}\n${bits.join(" · ")}`;
     this._applySplit();
     this.layout();
   }

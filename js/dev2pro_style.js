@@ -36,7 +36,8 @@ export const CSS = `
 .dev2pro-label-a { left: 4px; }
 .dev2pro-label-b { right: 4px; }
 .dev2pro-empty { position: absolute; inset: 0; display: flex; align-items: center; justify-content: center; opacity: 0.6; }
-.dev2pro-compare-caption { white-space: nowrap; overflow: hidden; text-overflow: ellipsis; opacity: 0.85; min-height: 14px; }
+.dev2pro-compare-caption { opacity: 0.85; min-height: 14px; }
+.dev2pro-caption-line { white-space: nowrap; overflow: hidden; text-overflow: ellipsis; }
 `;
 
 export function injectStyle() {

@@ -82,8 +82,8 @@ def comfy(tmp_path_factory) -> ComfyServer:
     """A real ComfyUI on loopback (throwaway base folder, this pack linked in), with the
     small random Flux / CLIP-L / VAE in its model folders and a kohya training folder
     in input/training/my_subject. It boots while the models are written."""
+    from scripts.demo_ab import write_demo_images
     from tests.comfyui import models
-    from tests.comfyui.test_workflows import write_training_images
 
     server = ComfyServer(COMFYUI, tmp_path_factory.mktemp("browser-comfyui"))
     server.launch()
@@ -96,7 +96,7 @@ def comfy(tmp_path_factory) -> ComfyServer:
         for folder, name, src in (("diffusion_models", FLUX, FLUX), ("diffusion_models", DEV2PRO, FLUX),
                                   ("text_encoders", CLIP_L, CLIP_L), ("vae", VAE, VAE)):
             copy_into(cache / src, server.model_path(folder, name))
-        write_training_images(server.input_dir / "training" / "my_subject")
+        write_demo_images(server.input_dir / "training" / "my_subject")
         print(f"\n[browser] test models written in {time.monotonic() - started:.1f} s")
         server.wait_until_up()
         failure = server.pack_import_failure()
@@ -115,6 +115,7 @@ def comfy_page(comfy, context):
     (they run in file order); its console is checked after each test."""
     page = open_comfy(context, comfy.url)
     yield page
+    (ARTIFACTS / "console.txt").write_text(page.console.text())  # the whole session's console
     page.close()
 
 

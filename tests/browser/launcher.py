@@ -72,7 +72,7 @@ class Console:
 
 
 @contextlib.contextmanager
-def browser_context(user_data_dir: Path, *, width: int = 1600, height: int = 1000):
+def browser_context(user_data_dir: Path, *, width: int = 1600, height: int = 1300):
     """A persistent Chromium context on a fresh user folder."""
     os.environ.setdefault("PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD", "1")
     from playwright.sync_api import sync_playwright

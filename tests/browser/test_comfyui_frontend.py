@@ -1,0 +1,304 @@
+"""This pack's frontend in ComfyUI's real frontend (the comfyui-frontend-package the
+ComfyUI checkout pins), in headless Chromium, against a real ComfyUI on loopback:
+
+- every shipped workflow opens with no missing node, with the loss chart on each
+  training node and the A/B widget on each compare node, and our widgets add nothing
+  to the saved workflow;
+- the A/B example (shrunk to the small random models) queued from the page: the loss
+  charts gain points while the runs train, show both runs of the queue, and the
+  compare widget shows two labelled images whose split follows a drag;
+- after a page reload the last runs are still there (from localStorage, then from
+  /history alone);
+- nothing of ours in the browser console (checked after every test by conftest).
+
+The tests share one page and run in file order. Screenshots: test-artifacts/browser/.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+
+from scripts.demo_ab import SMOKE_TRAIN, for_small_models
+from tests.comfyui.workflow_format import ui_to_api
+
+from .conftest import Models
+from .launcher import close_dialogs, wait_for_app
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "example_workflows"
+AB = "dev2pro_vs_dev_lora_ab"
+TRAIN, COMPARE = "Dev2ProTrainLoRA", "Dev2ProCompareGrid"
+STEPS = 6            # per training run: enough to watch the chart grow
+RUN_TIMEOUT = 900
+
+JS_HELPERS = """
+window.__t = {
+  app: window.comfyAPI.app.app,
+  api: window.comfyAPI.api.api,
+  node(id) { return this.app.rootGraph.getNodeById(id); },
+  widget(id, name) { return this.node(id)?.widgets?.find(w => w.name === name) ?? null; },
+  chart(id) {
+    const el = this.widget(id, 'dev2pro_loss_chart')?.element;
+    if (!el) return null;
+    return { points: Number(el.dataset.points), runs: Number(el.dataset.runs), state: el.dataset.state,
+             status: el.querySelector('.dev2pro-loss-status')?.textContent ?? '' };
+  },
+  compare(id) {
+    const el = this.widget(id, 'dev2pro_compare')?.element;
+    if (!el) return null;
+    const a = el.querySelector('.dev2pro-img-a'), b = el.querySelector('.dev2pro-img-b');
+    return { count: Number(el.dataset.count), index: Number(el.dataset.index), mode: el.dataset.mode,
+             split: Number(el.dataset.split), clip: a.style.clipPath,
+             loadedA: a.complete && a.naturalWidth > 0, loadedB: b.complete && b.naturalWidth > 0,
+             srcA: a.src, srcB: b.src,
+             labelA: el.querySelector('.dev2pro-label-a').textContent,
+             labelB: el.querySelector('.dev2pro-label-b').textContent,
+             caption: el.querySelector('.dev2pro-compare-caption').textContent };
+  },
+  focus(id, scale = 1) {
+    const c = this.app.canvas, n = this.node(id);
+    c.ds.scale = scale;
+    c.centerOnNode(n);
+    c.setDirty(true, true);
+  },
+  rect(id) {
+    // The node (title included) in page pixels.
+    const c = this.app.canvas, n = this.node(id), r = c.canvas.getBoundingClientRect();
+    const title = window.LiteGraph?.NODE_TITLE_HEIGHT ?? 30, s = c.ds.scale;
+    const x = r.left + (n.pos[0] + c.ds.offset[0]) * s, y = r.top + (n.pos[1] - title + c.ds.offset[1]) * s;
+    return { x, y, width: n.size[0] * s, height: (n.size[1] + title) * s };
+  },
+  elementRect(id, name, selector) {
+    let el = this.widget(id, name)?.element;
+    if (el && selector) el = el.querySelector(selector);
+    if (!el) return null;
+    const r = el.getBoundingClientRect();
+    return { x: r.x, y: r.y, width: r.width, height: r.height };
+  },
+};
+"""
+
+
+def nodes_of(prompt: dict, kind: str) -> list[str]:
+    return [key for key, node in prompt.items() if node["class_type"] == kind]
+
+
+def helpers(page):
+    page.evaluate(JS_HELPERS)
+
+
+def load_workflow(page, workflow: dict):
+    helpers(page)
+    page.evaluate("""async (wf) => {
+        await __t.app.loadGraphData(wf, true, true, null, { showMissingModelsDialog: false });
+    }""", workflow)
+    page.wait_for_timeout(500)
+
+
+def node_shot(page, path: Path, node_id: int, pad: int = 8):
+    """A screenshot of one node, cut to the viewport."""
+    page.wait_for_timeout(250)
+    r = page.evaluate("(id) => __t.rect(id)", node_id)
+    vw, vh = page.viewport_size["width"], page.viewport_size["height"]
+    x, y = max(0, r["x"] - pad), max(0, r["y"] - pad)
+    clip = {"x": x, "y": y, "width": min(vw, r["x"] + r["width"] + pad) - x,
+            "height": min(vh, r["y"] + r["height"] + pad) - y}
+    page.screenshot(path=str(path), clip=clip)
+
+
+def test_the_pack_extension_is_served_and_registered(comfy, comfy_page):
+    served = comfy.get("/extensions")
+    ours = [p for p in served if "dev2pro" in p]
+    assert any(p.endswith("/dev2pro.js") for p in ours), served
+    helpers(comfy_page)
+    names = comfy_page.evaluate("() => __t.app.extensions.map(e => e.name)")
+    assert "dev2pro.LoraTrainer" in names
+
+
+@pytest.mark.parametrize("path", sorted(EXAMPLES.glob("*.json")), ids=lambda p: p.stem)
+def test_shipped_workflow_opens_with_no_missing_node_and_our_widgets(comfy, comfy_page, artifacts, path):
+    page = comfy_page
+    workflow = json.loads(path.read_text())
+    load_workflow(page, workflow)
+    assert page.locator(".p-dialog:visible").count() == 0, "a dialog (missing nodes?) opened"
+    nodes = page.evaluate("""() => __t.app.rootGraph.nodes.map(n => ({
+        id: n.id, type: n.type, registered: !!LiteGraph.registered_node_types[n.type],
+        widgets: (n.widgets ?? []).map(w => w.name), values: n.serialize().widgets_values ?? null }))""")
+    assert len(nodes) == len(workflow["nodes"])
+    missing = [n["type"] for n in nodes if not n["registered"]]
+    assert not missing, f"{path.name}: node types not registered in the frontend: {missing}"
+    saved = {n["id"]: n for n in workflow["nodes"]}
+    for n in nodes:
+        if n["type"] == TRAIN:
+            assert "dev2pro_loss_chart" in n["widgets"], f"no loss chart on node {n['id']}"
+        if n["type"] == COMPARE:
+            assert "dev2pro_compare" in n["widgets"], f"no A/B widget on node {n['id']}"
+        if n["type"] in (TRAIN, COMPARE):
+            assert len([v for v in n["values"] if v is not None]) == len(saved[n["id"]].get("widgets_values", [])), \
+                f"node {n['id']}: our widget changed what the workflow saves"
+    page.screenshot(path=str(artifacts / f"workflow_{path.stem}.png"))
+
+
+@pytest.fixture(scope="module")
+def ab_live(comfy, comfy_page, artifacts):
+    """The A/B example queued from the page (shrunk to the test models), watched while it runs."""
+    page = comfy_page
+    workflow = json.loads((EXAMPLES / f"{AB}.json").read_text())
+    load_workflow(page, workflow)
+    prompt = for_small_models(ui_to_api(workflow, comfy.object_info()), Models.flux, Models.dev2pro,
+                              Models.clip_l, Models.vae, **{**SMOKE_TRAIN, "steps": STEPS})
+    trains = nodes_of(prompt, TRAIN)
+    compare = nodes_of(prompt, COMPARE)[0]
+    for key in trains:
+        if prompt[key]["inputs"]["name"] == "ab/dev":
+            prompt[key]["inputs"]["guidance"] = 3.5
+    first, second = sorted(trains, key=lambda k: int(k))
+    page.evaluate("(id) => __t.focus(id)", int(first))
+    prompt_id = page.evaluate("""async (prompt) => {
+        const wf = __t.app.rootGraph.serialize();
+        return (await __t.api.queuePrompt(0, { output: prompt, workflow: wf })).prompt_id;
+    }""", prompt)
+    samples, shot_mid = [], None
+    started = time.monotonic()
+    deadline = started + RUN_TIMEOUT
+    while time.monotonic() < deadline:
+        s = page.evaluate("(ids) => ids.map(id => __t.chart(id))", [int(first), int(second)])
+        samples.append((time.monotonic() - started, s))
+        a = s[0]
+        if shot_mid is None and a["state"] == "running" and 0 < a["points"] < STEPS:
+            shot_mid = artifacts / "loss_chart_running.png"
+            node_shot(page, shot_mid, int(first))
+        entry = comfy.history(prompt_id)
+        if entry and entry.get("status", {}).get("completed") is not None:
+            break
+        time.sleep(0.15)
+    entry = comfy.wait(prompt_id, timeout=max(1, deadline - time.monotonic()))
+    page.wait_for_timeout(500)
+    return {"prompt": prompt, "id": prompt_id, "entry": entry, "samples": samples, "first": int(first),
+            "second": int(second), "compare": int(compare), "shot_mid": shot_mid}
+
+
+def test_loss_chart_gains_points_while_the_run_trains(comfy_page, ab_live, artifacts):
+    page = comfy_page
+    first = [s[0] for _, s in ab_live["samples"]]
+    running = [c for c in first if c["state"] == "running"]
+    assert running, f"the chart never showed a running run: {first[-3:]}"
+    counts = [c["points"] for c in running]
+    assert any(0 < n < STEPS for n in counts), f"no point seen mid-run: {counts}"
+    assert counts == sorted(counts), f"points went backwards: {counts}"
+    assert len(set(counts)) >= 2, f"the chart did not grow while running: {counts}"
+    mid = next(c for c in running if 0 < c["points"] < STEPS)
+    assert f"/{STEPS}" in mid["status"] and "ETA" in mid["status"] and "loss" in mid["status"], mid["status"]
+    assert ab_live["shot_mid"] is not None and ab_live["shot_mid"].is_file()
+
+    final = page.evaluate("(ids) => ids.map(id => __t.chart(id))", [ab_live["first"], ab_live["second"]])
+    for chart in final:
+        assert chart["state"] == "done" and chart["points"] == STEPS, chart
+        assert "done" in chart["status"]
+        assert chart["runs"] == 2, "both runs of the queue should be drawn together"
+    page.evaluate("(id) => __t.focus(id)", ab_live["second"])
+    node_shot(page, artifacts / "loss_chart_done_two_runs.png", ab_live["second"])
+
+
+def test_compare_widget_shows_two_labelled_images_and_the_split_follows_a_drag(comfy_page, ab_live, artifacts):
+    page = comfy_page
+    node = ab_live["compare"]
+    expected = ab_live["entry"]["outputs"][str(node)]["dev2pro_compare"]
+    page.evaluate("(id) => __t.focus(id)", node)
+    page.wait_for_function("(id) => { const c = __t.compare(id); return c && c.count >= 1 && c.loadedA && c.loadedB; }",
+                           arg=node, timeout=30_000)
+    c = page.evaluate("(id) => __t.compare(id)", node)
+    assert c["count"] == len(expected) == 1
+    assert expected[0]["a"]["filename"] in c["srcA"] and expected[0]["b"]["filename"] in c["srcB"]
+    assert c["labelA"] == expected[0]["label_a"] and "dev2pro" in c["labelA"]
+    assert c["labelB"] == expected[0]["label_b"] and "dev" in c["labelB"] and "3.5" in c["labelB"]
+    assert expected[0]["prompt"] in c["caption"] and f"seed {expected[0]['seed']}" in c["caption"]
+    node_shot(page, artifacts / "compare_widget.png", node)
+
+    box = page.evaluate("(id) => __t.elementRect(id, 'dev2pro_compare', '.dev2pro-compare-frame')", node)
+    assert box and box["width"] > 50 and box["height"] > 50, box
+    y = box["y"] + box["height"] / 2
+    page.mouse.move(box["x"] + box["width"] * 0.5, y)
+    page.mouse.down()
+    page.mouse.move(box["x"] + box["width"] * 0.7, y, steps=4)
+    page.mouse.move(box["x"] + box["width"] * 0.2, y, steps=6)
+    page.mouse.up()
+    after = page.evaluate("(id) => __t.compare(id)", node)
+    assert after["split"] == pytest.approx(0.2, abs=0.03), after
+    assert after["clip"].replace("px", "").startswith("inset(0 8"), after["clip"]   # A shows on 20 %
+    moved = page.evaluate("(id) => __t.node(id).pos.slice()", node)
+    node_shot(page, artifacts / "compare_widget_dragged.png", node)
+    assert moved == page.evaluate("(id) => __t.node(id).pos.slice()", node)
+
+    page.locator(".dev2pro-compare .dev2pro-mode[data-mode=b]").click()
+    assert page.evaluate("(id) => __t.compare(id).mode", node) == "b"
+    page.locator(".dev2pro-compare .dev2pro-mode[data-mode=split]").click()
+    assert page.evaluate("(id) => __t.compare(id).mode", node) == "split"
+
+
+def _reload(page):
+    page.reload(wait_until="domcontentloaded")
+    wait_for_app(page)
+    close_dialogs(page)
+    helpers(page)
+
+
+def _restored(page, ab_live):
+    page.wait_for_function(
+        """([a, b, c]) => { const x = __t.chart(a), y = __t.chart(b), z = __t.compare(c);
+                            return x && y && z && x.points > 0 && y.points > 0 && z.count > 0; }""",
+        arg=[ab_live["first"], ab_live["second"], ab_live["compare"]], timeout=30_000)
+    charts = page.evaluate("(ids) => ids.map(id => __t.chart(id))", [ab_live["first"], ab_live["second"]])
+    for chart in charts:
+        assert chart["points"] == STEPS and chart["state"] == "done", chart
+    return charts
+
+
+def test_the_last_runs_survive_a_page_reload(comfy_page, ab_live, artifacts):
+    page = comfy_page
+    _reload(page)
+    types = page.evaluate("() => __t.app.rootGraph.nodes.map(n => n.type)")
+    assert TRAIN in types and COMPARE in types, "the frontend did not restore the A/B workflow"
+    charts = _restored(page, ab_live)
+    assert all(c["runs"] == 2 for c in charts)
+    page.evaluate("(id) => __t.focus(id)", ab_live["first"])
+    node_shot(page, artifacts / "loss_chart_after_reload.png", ab_live["first"])
+
+    # Another browser (nothing in localStorage): the runs come back from /history.
+    page.evaluate("() => { for (const k of Object.keys(localStorage)) if (k.startsWith('dev2pro.')) localStorage.removeItem(k); }")
+    _reload(page)
+    _restored(page, ab_live)
+    page.wait_for_function("(id) => __t.compare(id)?.loadedA", arg=ab_live["compare"], timeout=30_000)
+
+
+def test_without_our_scripts_the_nodes_still_work_as_plain_nodes(comfy, context, artifacts):
+    """A broken frontend module (here: one that throws on import) must leave ComfyUI and the
+    nodes usable: the workflow opens, nothing of ours is added, the saved values are intact."""
+    page = context.new_page()
+    page.route("**/extensions/**/dev2pro_chart.js",
+               lambda route: route.fulfill(status=200, content_type="text/javascript",
+                                           body="throw new Error('dev2pro test: broken module');"))
+    try:
+        page.goto(comfy.url, wait_until="domcontentloaded")
+        page.wait_for_function("() => !!(window.comfyAPI?.app?.app?.rootGraphInternal && window.comfyAPI.app.app.canvas)",
+                               timeout=120_000)
+        page.wait_for_timeout(1500)
+        close_dialogs(page)
+        assert page.evaluate("() => window.__dev2pro === undefined"), "the broken extension ran anyway"
+        workflow = json.loads((EXAMPLES / f"{AB}.json").read_text())
+        load_workflow(page, workflow)
+        close_dialogs(page)
+        nodes = page.evaluate("""() => __t.app.rootGraph.nodes.map(n => ({ id: n.id, type: n.type,
+            registered: !!LiteGraph.registered_node_types[n.type], widgets: (n.widgets ?? []).map(w => w.name),
+            values: n.serialize().widgets_values ?? [] }))""")
+        saved = {n["id"]: n for n in workflow["nodes"]}
+        assert all(n["registered"] for n in nodes)
+        for n in nodes:
+            assert not any(w.startswith("dev2pro_") for w in n["widgets"])
+            assert len(n["values"]) == len(saved[n["id"]].get("widgets_values", [])), n["id"]
+        page.screenshot(path=str(artifacts / "degraded_without_extension.png"))
+    finally:
+        page.close()
