@@ -76,10 +76,11 @@ def _draw_lines(draw, lines, f, box, align="center"):
 # --------------------------------------------------------------------------- grid
 
 def comparison_grid(rows: list[list[Image.Image]], column_labels: list[str], row_labels: list[str],
-                    title: str = "") -> Image.Image:
+                    title: str = "", min_cell: int = 0) -> Image.Image:
     """A grid of images with a label above each column and left of each row. Every cell
     is as large as the largest image (smaller ones are centered), with a GAP-pixel
-    white gap between cells."""
+    white gap between cells. Cells narrower than `min_cell` are enlarged by a whole
+    factor (nearest neighbour, so pixels stay exact) to leave room for the labels."""
     if not rows or not all(rows):
         raise PlotError("comparison_grid needs at least one row of at least one image")
     columns = len(column_labels)
@@ -90,6 +91,11 @@ def comparison_grid(rows: list[list[Image.Image]], column_labels: list[str], row
         raise PlotError(f"{len(rows)} rows but {len(row_labels)} row labels; give one label per row")
 
     cell_w = max(im.width for r in rows for im in r)
+    if cell_w < min_cell:
+        factor = -(-min_cell // cell_w)
+        rows = [[im.resize((im.width * factor, im.height * factor), Image.NEAREST) for im in r]
+                for r in rows]
+        cell_w *= factor
     cell_h = max(im.height for r in rows for im in r)
     f = font(max(14, min(32, cell_w // 20)))
     line = _line_height(f)

@@ -74,7 +74,8 @@ class Dev2ProCompareGrid(io.ComfyNode):
         grid = comparison_grid(
             [[tensor_to_image(images_a[i]), tensor_to_image(images_b[i])] for i in range(rows)],
             column_labels=columns, row_labels=row_labels,
-            title="Same Flux-dev, prompts, seeds and sampler; only the LoRA differs")
+            title="Same Flux-dev, prompts, seeds and sampler; only the LoRA differs",
+            min_cell=256)
         grid_tensor = image_to_tensor(grid)
         saved_a = _save_temp(images_a, "dev2pro_a", cls)
         saved_b = _save_temp(images_b, "dev2pro_b", cls)

@@ -36,7 +36,7 @@ AB_WORKFLOW = REPO / "example_workflows" / "dev2pro_vs_dev_lora_ab.json"
 SMOKE_NAMES = {"flux": "demo-flux-dev.safetensors", "dev2pro": "demo-flux-dev2pro.safetensors",
                "clip_l": "demo-clip-l.safetensors", "vae": "demo-flux-ae.safetensors"}
 SMOKE_SIZE, SMOKE_SAMPLE_STEPS = 64, 2
-SMOKE_TRAIN = dict(steps=2, rank=4, alpha=4.0, learning_rate=0.02, gradient_checkpointing=False,
+SMOKE_TRAIN = dict(steps=8, rank=4, alpha=4.0, learning_rate=0.02, gradient_checkpointing=False,
                    compute_dtype="float32", checkpoint_every=0)
 
 
@@ -158,7 +158,7 @@ def main(argv=None) -> int:
 
 def smoke_demo(workflow: dict, out: Path, timeout: float) -> list[Path]:
     from tests.comfyui import models
-    from tests.comfyui.harness import ComfyServer, copy_into, find_comfyui
+    from tests.comfyui.harness import ComfyServer, find_comfyui
     from tests.comfyui.workflow_format import ui_to_api
 
     comfyui = find_comfyui()
@@ -173,8 +173,8 @@ def smoke_demo(workflow: dict, out: Path, timeout: float) -> list[Path]:
         try:
             n = SMOKE_NAMES
             models.write_flux(server.model_path("diffusion_models", n["flux"]))
-            copy_into(server.model_path("diffusion_models", n["flux"]),
-                      server.model_path("diffusion_models", n["dev2pro"]))
+            # A second random base stands in for Dev2Pro, so the two runs differ.
+            models.write_flux(server.model_path("diffusion_models", n["dev2pro"]), seed=1)
             models.write_clip_l(server.model_path("text_encoders", n["clip_l"]))
             models.write_flux_vae(server.model_path("vae", n["vae"]))
             write_demo_images(server.input_dir / "training" / "my_subject")

@@ -123,3 +123,10 @@ def test_bad_curves_are_clear_errors(curves, message):
 def test_smoothing_out_of_range_is_an_error():
     with pytest.raises(PlotError, match="smoothing"):
         loss_chart({"a": [1.0]}, smoothing=1.0)
+
+
+def test_small_images_are_enlarged_by_a_whole_factor_for_readable_labels():
+    grid = comparison_grid(cells(rows=1, size=(64, 48)), ["Dev2Pro LoRA", "dev LoRA"], ["a dog"],
+                           min_cell=256)
+    left, top, right, bottom = locate(grid, RED)
+    assert (right - left, bottom - top) == (256, 192)   # 4x, aspect kept

@@ -30,7 +30,7 @@ TRAIN_ONLY = "dev2pro_train_lora_only"
 DEV2PRO_NAME = "test-flux-dev2pro.safetensors"   # the test Flux under a Dev2Pro-like name
 SIZE, SAMPLE_STEPS = 64, 2
 # Small and fast on 2 CPU cores; a large learning rate so two steps visibly move the image.
-TRAIN = SMOKE_TRAIN
+TRAIN = {**SMOKE_TRAIN, "steps": 2}
 TIMEOUT = 600
 
 
