@@ -41,12 +41,27 @@ HOOK_SINGLE_UNITS = 31.3
 # benchmarks/results/2026-11-27-h100-*.json), split in the hook ratio. CUDA's flash
 # attention saves less than the CPU kernels; compiled blocks let inductor choose
 # what to save (float8 compiled saves the least).
-UNITS = {  # (compiled, fp8) -> (double, single)
-    (False, False): (31.9, 26.1),
-    (False, True): (31.9, 26.1),
-    (True, False): (34.2, 28.0),
-    (True, True): (22.1, 18.1),
+# Compiled bf16 blocks save a shape-dependent amount (inductor's choice): measured
+# at 1536 tokens (512^2) and 4608 tokens (1024^2), interpolated in between, the
+# nearest measurement outside.
+UNITS = {  # (compiled, fp8) -> {tokens: (double, single)}
+    (False, False): {4608: (31.9, 26.1)},
+    (False, True): {4608: (31.9, 26.1)},
+    (True, False): {1536: (58.4, 47.9), 4608: (34.2, 28.0)},
+    (True, True): {1536: (22.4, 18.3), 4608: (22.1, 18.1)},
 }
+
+
+def activation_units(compiled: bool, fp8_compute: bool, tokens: int) -> tuple[float, float]:
+    """(double, single) saved rows per token of a block kept for backward."""
+    table = sorted(UNITS[(bool(compiled), bool(fp8_compute))].items())
+    if tokens <= table[0][0]:
+        return table[0][1]
+    for (t0, u0), (t1, u1) in zip(table, table[1:]):
+        if tokens <= t1:
+            f = (tokens - t0) / (t1 - t0)
+            return tuple(a + f * (b - a) for a, b in zip(u0, u1))
+    return table[-1][1]
 # Lean mode beyond the saved block inputs: one block recomputed with its gradients in
 # flight (measured: 90 rows per token in all, 57 of them the saved inputs).
 TRANSIENT_UNITS = 33.0
@@ -135,7 +150,8 @@ def estimate(p: FluxParams, img_tokens: int, txt_tokens: int, batch: int = 1, ra
     that with allocator slack and workspace, as checked against free VRAM.
     Checkpoint counts default to all blocks; resident_bytes None = every weight
     resident (no offload)."""
-    double_units, single_units = UNITS[(bool(compiled), bool(fp8_compute))]
+    double_units, single_units = activation_units(compiled, fp8_compute,
+                                                  img_tokens + txt_tokens)
     cd = p.depth if checkpoint_double is None else checkpoint_double
     cs = p.depth_single_blocks if checkpoint_single is None else checkpoint_single
     row = p.hidden_size * 2 * batch            # one token of hidden state, bf16

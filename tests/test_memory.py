@@ -99,3 +99,13 @@ def test_impossible_budgets_fail_with_a_message_that_says_what_to_do():
         memory.plan(3 * GB, FLUX, img_tokens=4096)
     with pytest.raises(memory.MemoryPlanError, match="offloading is off"):
         memory.plan(10 * GB, FLUX, img_tokens=4096, offload_available=False)
+
+
+def test_compiled_coefficients_follow_the_measurements_between_resolutions():
+    lo = memory.activation_units(True, False, 1536)
+    hi = memory.activation_units(True, False, 4608)
+    mid = memory.activation_units(True, False, 3072)
+    assert lo == memory.UNITS[(True, False)][1536] and hi == memory.UNITS[(True, False)][4608]
+    assert all(min(a, b) < m < max(a, b) for a, b, m in zip(lo, hi, mid))
+    assert memory.activation_units(True, False, 100) == lo       # nearest outside the table
+    assert memory.activation_units(False, False, 100) == memory.activation_units(False, False, 9000)
