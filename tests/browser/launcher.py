@@ -116,21 +116,30 @@ def wait_for_app(page, timeout_ms: int = 120_000):
     page.wait_for_timeout(1000)
 
 
-def close_dialogs(page, attempts: int = 20):
-    """Close the first-run Templates dialog (and any other modal) with its close button."""
-    for _ in range(attempts):
-        dialogs = page.locator(".p-dialog:visible")
-        if dialogs.count() == 0:
-            page.wait_for_timeout(300)
-            if page.locator(".p-dialog:visible").count() == 0:
-                return
-            continue
-        close = page.locator(".p-dialog:visible .p-dialog-close-button, "
-                             ".p-dialog:visible button[aria-label='Close'], "
-                             ".p-dialog:visible button:visible:has(i.pi-times)")
-        if close.count():
-            close.first.click()
+def close_dialogs(page, quiet_ms: int = 1500, timeout_ms: int = 30_000):
+    """Close the first-run Templates dialog (and any other modal) with its close button,
+    until none has shown for `quiet_ms` (on a busy machine the dialog opens late)."""
+    waited = quiet = 0
+    while quiet < quiet_ms:
+        if waited > timeout_ms:
+            raise AssertionError(f"a dialog stayed open over the canvas: {open_dialogs(page)}")
+        if page.locator(".p-dialog:visible").count() == 0:
+            quiet += 250
         else:
-            page.keyboard.press("Escape")
-        page.wait_for_timeout(300)
-    raise AssertionError("a dialog stayed open over the canvas")
+            quiet = 0
+            close = page.locator(".p-dialog:visible .p-dialog-close-button, "
+                                 ".p-dialog:visible button[aria-label='Close'], "
+                                 ".p-dialog:visible button:visible:has(i.pi-times)")
+            if close.count():
+                close.first.click()
+            else:
+                page.keyboard.press("Escape")
+        page.wait_for_timeout(250)
+        waited += 250
+
+
+def open_dialogs(page) -> list[str]:
+    """What the visible dialogs are (their labelling element's id, else their first words)."""
+    return page.evaluate("""() => [...document.querySelectorAll('.p-dialog')]
+        .filter(d => d.offsetParent !== null || d.getClientRects().length)
+        .map(d => d.getAttribute('aria-labelledby') || d.textContent.trim().slice(0, 80))""")
