@@ -175,7 +175,7 @@ def run_config(cfg: dict) -> dict:
     build_s = time.perf_counter() - t0
 
     config = TrainConfig(rank=cfg["rank"], alpha=float(cfg["rank"]), targets="all",
-                         gradient_checkpointing=(mode != "fast"), seed=0,
+                         memory="fast" if mode == "fast" else "lean", seed=0,
                          learning_rate=cfg.get("lr", 1e-4))
     if mode == "fast":
         model.set_checkpointing(0, 0)

@@ -17,8 +17,10 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import content_hash, load_flux
+from .checkpoint import content_hash
 from .dataset import EncodedDataset
+from .memory import MemoryPlanError
+from .placement import load_base_for_training
 from .train import TrainConfig, TrainingDiverged, train
 
 
@@ -61,11 +63,12 @@ def main(argv: list[str] | None = None) -> int:
         config = config_from_args(args)
         if args.lora.suffix != ".safetensors":
             raise ValueError(f"--lora must end in .safetensors, got {args.lora.name}")
-        model, info = load_flux(args.base, device=args.device, require_guidance=config.guidance is not None)
         dataset = EncodedDataset.open(args.dataset)
-    except (ValueError, FileNotFoundError) as error:
+        placed = load_base_for_training(args.base, config, dataset, args.device)
+    except (ValueError, FileNotFoundError, MemoryPlanError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    model, info = placed.model, placed.info
     print(f"[fluxtrain] base {info.name}: {info.format}, {info.dtype}, "
           f"{info.params.depth}+{info.params.depth_single_blocks} blocks; dataset {len(dataset)} samples")
     args.lora.parent.mkdir(parents=True, exist_ok=True)
@@ -81,6 +84,8 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingDiverged as error:
         print(f"error: {error}", file=sys.stderr)
         return 3
+    finally:
+        placed.release()
     return 0
 
 

@@ -19,7 +19,8 @@ from dataclasses import MISSING, fields
 import torch
 from comfy_api.latest import io
 
-from ..fluxtrain.checkpoint import content_hash, load_flux
+from ..fluxtrain.checkpoint import content_hash
+from ..fluxtrain.placement import load_base_for_training
 from ..fluxtrain.dataset import EncodedDataset
 from ..fluxtrain.files import atomic_write_json
 from ..fluxtrain.lora import load_lora_file
@@ -162,20 +163,23 @@ class Dev2ProTrainLoRA(io.ComfyNode):
                 stop.requested = True   # the engine saves a checkpoint before the next step
 
         first = [0]
-        model = None
+        placed = None
         try:
             # ComfyUI runs nodes under inference_mode; training needs autograd back.
             with torch.inference_mode(False), torch.enable_grad():
-                model, _ = load_flux(base["path"], device=device, require_guidance=True)
+                placed = load_base_for_training(base["path"], config, data, device,
+                                                log=lambda line: print(line, flush=True))
                 print(f"[dev2pro] training {name} on {base['summary']}, {len(data)} samples, "
                       f"guidance {config.guidance:g}, {config.steps} steps", flush=True)
                 saved = load_latest_state(run_dir)
                 first[0] = saved.step if saved else 0
-                result = train(model, data, config, run_dir, lora_path=lora_path,
+                result = train(placed.model, data, config, run_dir, lora_path=lora_path,
                                base_metadata=metadata, on_step=on_step, should_stop=stop,
                                log=lambda line: print(line, flush=True))
         finally:
-            del model
+            if placed is not None:
+                placed.release()
+            del placed             # the 12 GB base must not outlive the node
             gc.collect()
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()

@@ -36,7 +36,7 @@ AB_WORKFLOW = REPO / "example_workflows" / "dev2pro_vs_dev_lora_ab.json"
 SMOKE_NAMES = {"flux": "demo-flux-dev.safetensors", "dev2pro": "demo-flux-dev2pro.safetensors",
                "clip_l": "demo-clip-l.safetensors", "vae": "demo-flux-ae.safetensors"}
 SMOKE_SIZE, SMOKE_SAMPLE_STEPS = 64, 2
-SMOKE_TRAIN = dict(steps=8, rank=4, alpha=4.0, learning_rate=0.02, gradient_checkpointing=False,
+SMOKE_TRAIN = dict(steps=8, rank=4, alpha=4.0, learning_rate=0.02, memory="fast",
                    compute_dtype="float32", checkpoint_every=0)
 
 

@@ -241,8 +241,11 @@ def test_cli_trains_from_a_float8_checkpoint_and_resumes(tiny_sd, dataset, tmp_p
     assert "resuming run at step 3/5" in out and "step 4/5" in out and "step 1/5" not in out
 
 
-def test_cli_reports_bad_input_without_a_traceback(tmp_path, capsys):
-    argv = ["--base", str(tmp_path / "missing.safetensors"), "--dataset", str(tmp_path),
+def test_cli_reports_bad_input_without_a_traceback(dataset, tmp_path, capsys):
+    argv = ["--base", str(tmp_path / "missing.safetensors"), "--dataset", str(dataset.folder),
             "--lora", str(tmp_path / "l.safetensors"), "--run-dir", str(tmp_path / "r")]
     assert cli.main(argv) == 2
     assert "missing.safetensors" in capsys.readouterr().err
+    argv[argv.index("--dataset") + 1] = str(tmp_path / "no_dataset")
+    assert cli.main(argv) == 2
+    assert "no_dataset" in capsys.readouterr().err

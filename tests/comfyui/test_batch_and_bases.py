@@ -20,7 +20,7 @@ from .harness import ComfyError, ComfyServer, copy_into, find_comfyui, lora_keys
 
 RED, BLUE, GREEN = 0xFF0000, 0x0000FF, 0x00FF00
 DIFFUSERS_BASE = "test-flux-dev2pro-diffusers"   # a folder under models/diffusion_models
-TRAIN = dict(steps=2, rank=4, alpha=4.0, learning_rate=0.02, gradient_checkpointing=False,
+TRAIN = dict(steps=2, rank=4, alpha=4.0, learning_rate=0.02, memory="fast",
              compute_dtype="float32", checkpoint_every=0)
 TIMEOUT = 600
 
