@@ -134,9 +134,11 @@ def test_ab_grid_shows_both_columns_and_the_chart_both_runs(setup, ab_run):
     assert "dev" in row["label_b"] and "3.5" in row["label_b"]
     grid = pixels(view_path(server, outputs[grid_node]["images"][0]))
     a, b = pixels(view_path(server, row["a"])), pixels(view_path(server, row["b"]))
-    middle = grid.shape[1] / 2
-    assert any(x + SIZE <= middle + SIZE for _, x in find_in(grid, a)), "A is not in the left column"
-    assert any(x >= middle - SIZE for _, x in find_in(grid, b)), "B is not in the right column"
+    factor = -(-256 // SIZE)      # the grid enlarges small images by a whole factor, nearest neighbour
+    a, b = (im.repeat(factor, 0).repeat(factor, 1) for im in (a, b))
+    cell, middle = SIZE * factor, grid.shape[1] / 2
+    assert any(x + cell <= middle + cell for _, x in find_in(grid, a)), "A is not in the left column"
+    assert any(x >= middle - cell for _, x in find_in(grid, b)), "B is not in the right column"
 
     chart_node = nodes_of(prompt, "Dev2ProLossChart")[0]
     runs = {r["run"]: r for r in outputs[chart_node]["dev2pro_losses"]}
