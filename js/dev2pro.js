@@ -467,7 +467,7 @@ guarded("could not listen for Dev2Pro events", () => {
     lossStore.queueIdle = false;
   }));
   api.addEventListener("status", guarded("status", (e) => {
-    const remaining = e?.detail?.status?.exec_info?.queue_remaining;
+    const remaining = e?.detail?.exec_info?.queue_remaining; // detail = the status message's "status"
     if (remaining === 0) {
       lossStore.queueIdle = true;
       let changed = false;
