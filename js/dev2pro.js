@@ -388,7 +388,21 @@ class CompareWidget {
     if (pairs && pairs !== this.shown) {
       this.shown = pairs;
       this.view.setPairs(pairs);
+      // The grid preview arrives with the same output: grow the node so that the preview
+      // and this widget both get their minimum height instead of overlapping.
+      this.fit();
+      setTimeout(() => this.fit(), 250);
     }
+  }
+
+  fit() {
+    try {
+      const need = this.node.computeSize?.();
+      if (need && this.node.size[1] < need[1]) {
+        this.node.setSize([Math.max(this.node.size[0], need[0]), need[1]]);
+        this.node.setDirtyCanvas?.(true, true);
+      }
+    } catch (_) { /* sizing is cosmetic */ }
   }
 }
 
@@ -508,7 +522,7 @@ app.registerExtension({
         injectStyle();
         this.dev2pro = isTrain
           ? attach(this, "dev2pro_loss_chart", LossChartWidget, 200, 420)
-          : attach(this, "dev2pro_compare", CompareWidget, 300, 420);
+          : attach(this, "dev2pro_compare", CompareWidget, 320, 420);
       } catch (error) {
         report(`the ${isTrain ? "loss chart" : "A/B compare"} widget could not be added`, error);
       }
