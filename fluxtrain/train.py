@@ -190,6 +190,8 @@ def train(model: Flux, dataset: EncodedDataset, config: TrainConfig, run_dir: Pa
                          "training needs FLUX.1-dev or Flux-Dev2Pro")
     model.requires_grad_(False)
     adapters = attach_lora(model, config.lora_config(), seed=config.seed)
+    for adapter in adapters.values():     # offloaded layers keep their weight on the host
+        adapter.to(device)
     params = [p for a in adapters.values() for p in a.parameters()]
     optimizer = _make_optimizer(config, params, device)
     sampler = BucketBatchSampler(dataset, config.batch_size * config.grad_accum, seed=config.seed)
