@@ -20,6 +20,33 @@ def tiny_sd():
     return random_state_dict(TINY, seed=0)
 
 
+TEXT_LENGTH = 8
+
+
+@pytest.fixture(scope="session")
+def make_dataset():
+    """make_dataset(folder, seed=0, buckets=((4, 4), (4, 6)), per_bucket=3): a random
+    encoded dataset for TINY, latent sizes in latent pixels."""
+    import torch
+
+    from fluxtrain.dataset import EncodedDataset, EncodedDatasetWriter
+
+    def make(folder, seed=0, buckets=((4, 4), (4, 6)), per_bucket=3) -> EncodedDataset:
+        g = torch.Generator().manual_seed(seed)
+        with EncodedDatasetWriter(folder, resolution=64,
+                                  encoders={"vae": "random", "text": "random"}) as w:
+            w.set_empty_caption(torch.randn(TEXT_LENGTH, TINY.context_in_dim, generator=g),
+                                torch.randn(TINY.vec_in_dim, generator=g))
+            for h, wd in buckets:
+                for i in range(per_bucket):
+                    w.add(torch.randn(16, h, wd, generator=g),
+                          torch.randn(TEXT_LENGTH, TINY.context_in_dim, generator=g),
+                          torch.randn(TINY.vec_in_dim, generator=g), f"sample {h}x{wd} {i}")
+        return EncodedDataset.open(folder)
+
+    return make
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _one_cpu_thread():
     """The test models are tiny: one thread is fastest, and it keeps the suite from

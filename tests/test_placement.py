@@ -12,8 +12,6 @@ from fluxtrain.placement import choose_plan, load_base_for_training
 from fluxtrain.synthetic import write_bfl
 from fluxtrain.train import TrainConfig, train
 
-from test_train import make_dataset
-
 GIB = 2 ** 30
 FULL = FluxParams()
 JOB = dict(img_tokens=4096, txt_tokens=512, batch=1, rank=16, fp8_compute=False, compiled=False,
@@ -49,7 +47,7 @@ def test_unknown_mode_is_named():
 
 
 @pytest.fixture
-def base_and_data(tiny_sd, tmp_path):
+def base_and_data(tiny_sd, make_dataset, tmp_path):
     base = tmp_path / "flux-dev2pro-fp8.safetensors"
     write_bfl(tiny_sd, base, dtype=torch.float8_e4m3fn)
     return base, make_dataset(tmp_path / "data")

@@ -9,7 +9,6 @@ import pytest
 import torch
 
 from fluxtrain import cli
-from fluxtrain.dataset import EncodedDataset, EncodedDatasetWriter
 from fluxtrain.flux import Flux
 from fluxtrain.lora import LoRAConfig, adapter_deltas, attach_lora, load_lora_file, lora_deltas
 from fluxtrain.params import TINY
@@ -17,27 +16,10 @@ from fluxtrain.synthetic import write_bfl
 from fluxtrain.train import (TrainConfig, TrainingDiverged, flow_inputs, learning_rate_at, train,
                              velocity_loss)
 
-TEXT_LENGTH = 8
-
-
 def tiny_model(tiny_sd) -> Flux:
     model = Flux(TINY)
     model.load_state_dict(tiny_sd)
     return model
-
-
-def make_dataset(folder, seed=0, buckets=((4, 4), (4, 6)), per_bucket=3) -> EncodedDataset:
-    """Random encoded samples in two buckets (latent sizes in latent pixels)."""
-    g = torch.Generator().manual_seed(seed)
-    with EncodedDatasetWriter(folder, resolution=64, encoders={"vae": "random", "text": "random"}) as w:
-        w.set_empty_caption(torch.randn(TEXT_LENGTH, TINY.context_in_dim, generator=g),
-                            torch.randn(TINY.vec_in_dim, generator=g))
-        for h, wd in buckets:
-            for i in range(per_bucket):
-                w.add(torch.randn(16, h, wd, generator=g),
-                      torch.randn(TEXT_LENGTH, TINY.context_in_dim, generator=g),
-                      torch.randn(TINY.vec_in_dim, generator=g), f"sample {h}x{wd} {i}")
-    return EncodedDataset.open(folder)
 
 
 def cpu_config(**overrides) -> TrainConfig:
@@ -48,7 +30,7 @@ def cpu_config(**overrides) -> TrainConfig:
 
 
 @pytest.fixture
-def dataset(tmp_path):
+def dataset(make_dataset, tmp_path):
     return make_dataset(tmp_path / "data")
 
 
@@ -168,7 +150,7 @@ def test_lora_recovers_a_known_low_rank_delta(tiny_sd, dataset):
     assert after <= 0.1 * before, f"gap {before:.5f} -> {after:.5f}: only {1 - after / before:.0%} closed"
 
 
-def test_loss_goes_down_on_a_small_dataset(tiny_sd, tmp_path):
+def test_loss_goes_down_on_a_small_dataset(tiny_sd, make_dataset, tmp_path):
     """Memorising 2 samples: the mean loss of the last steps is well below the first ones."""
     data = make_dataset(tmp_path / "data", buckets=((4, 4),), per_bucket=2)
     result, _ = run_losses(tiny_sd, data, tmp_path / "run",
