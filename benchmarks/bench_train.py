@@ -137,7 +137,7 @@ def run_config(cfg: dict) -> dict:
 
     import torch
     from fluxtrain import fp8, memory
-    from fluxtrain.lora import LoRAConfig, attach_lora
+    from fluxtrain.lora import attach_lora
     from fluxtrain.params import FluxParams
     from fluxtrain.train import TrainConfig, _make_optimizer, compute_loss, step_generator
 

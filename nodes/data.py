@@ -10,7 +10,6 @@ second training run of an A/B, and every later run, reuses it.
 from __future__ import annotations
 
 import hashlib
-from pathlib import Path
 
 from comfy_api.latest import io
 
