@@ -450,19 +450,70 @@ def load_flux(path: str | os.PathLike, device: str | torch.device = "cpu",
     their stored dtype (float8 stays float8) with scaled-fp8 scales set on their
     FrozenLinear; float8 biases and norm scales are upcast to bf16 (exactly). The
     model is frozen: no parameter requires grad."""
+    sd, info = load_state_dict(path, require_guidance=require_guidance)
+    return flux_from_state_dict(sd, info.params, info.weight_scales, device), info
+
+
+def flux_from_state_dict(sd: Mapping[str, torch.Tensor], params: FluxParams,
+                         weight_scales: Mapping[str, torch.Tensor] | None = None,
+                         device: str | torch.device = "cpu"):
+    """A frozen Flux built around the tensors of `sd` (BFL keys): the model's parameters
+    *are* those tensors (load_state_dict(assign=True) on a meta-built model), not copies,
+    wherever a tensor already has its final dtype and sits on `device`. Only float8
+    biases and norm scales (upcast to bf16) and tensors on another device are copied.
+    `sd` itself is not modified."""
     from .flux import Flux  # the model is only needed here, not to read files
 
-    sd, info = load_state_dict(path, require_guidance=require_guidance)
+    tensors = {}
     for k, t in sd.items():
         if t.ndim != 2 and t.dtype in _FLOAT8:
             t = t.to(torch.bfloat16)
-        sd[k] = t.to(device)
-    model = Flux(info.params, device="meta")
-    model.load_state_dict(sd, assign=True, strict=True)
-    for layer, scale in info.weight_scales.items():
+        tensors[k] = t.to(device)
+    model = Flux(params, device="meta")
+    model.load_state_dict(tensors, assign=True, strict=True)
+    for layer, scale in (weight_scales or {}).items():
         model.get_submodule(layer).weight_scale = scale.to(device)
+    _clone_inference_tensors_autograd_saves(model)
     model.requires_grad_(False)
-    return model, info
+    return model
+
+
+def _clone_inference_tensors_autograd_saves(model) -> None:
+    """Tensors made under torch.inference_mode (ComfyUI loads its models so) cannot be
+    saved for backward. FrozenLinear weights and biases never are (its autograd Function
+    fetches them again in backward), so they stay shared; the few other parameters (norm
+    scales, a few KB a block) get a normal copy when they are inference tensors."""
+    from .layers import FrozenLinear
+
+    for module in model.modules():
+        if isinstance(module, FrozenLinear):
+            continue
+        for name, p in list(module._parameters.items()):
+            if p is not None and p.is_inference():
+                module._parameters[name] = torch.nn.Parameter(p.clone(), requires_grad=False)
+
+
+def describe_state_dict(sd: Mapping[str, torch.Tensor], name: str,
+                        require_guidance: bool = False, fmt: str = "memory") -> CheckpointInfo:
+    """CheckpointInfo of a Flux transformer already in memory ({BFL key: tensor}, e.g. the
+    weights of a model another program loaded): the same shape checks and schnell check
+    as describe_checkpoint. `path` is empty and `files` is empty: there is no file."""
+    shapes = {k: tuple(t.shape) for k, t in sd.items()}
+    try:
+        params = FluxParams.from_state_dict(shapes)
+    except CheckpointError as e:
+        raise CheckpointError(f"{name}: {e}") from e
+    _check_keys(shapes, params, name)
+    is_schnell = not params.guidance_embed
+    if require_guidance and is_schnell:
+        raise CheckpointError(
+            f"{name} has no guidance_in layers: it is a schnell-type model that takes no "
+            "guidance input, but guidance training was requested. Use FLUX.1-dev or "
+            "Flux-Dev2Pro, or train without a guidance value.")
+    variant = ("dev2pro" if "dev2pro" in name.lower() else "schnell" if is_schnell else "dev")
+    dtype = Counter(t.dtype for t in sd.values() if t.ndim == 2).most_common(1)[0][0]
+    return CheckpointInfo(path="", name=name, format=fmt, dtype=dtype, params=params,
+                          is_schnell=is_schnell, variant=variant)
 
 
 # ---------------------------------------------------------------- content hash

@@ -4,20 +4,39 @@
 base to train: it reads the checkpoint's shapes (headers only), plans the memory
 mode (fluxtrain.memory), loads the weights straight to the GPU or to host memory
 for offloading, and switches on float8 compute and compiled blocks when asked.
+
+The base is a checkpoint path, or a `BaseTensors`: a BFL state dict already in memory
+(the weights of a MODEL ComfyUI loaded). The Flux built from it references those
+tensors (no copy); planning, float8 compute and compiled blocks are the same path.
+Weight streaming (offload) is refused for it: the tensors belong to their owner, so
+streaming would add a host copy while the owner's copy stays where it is.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable
+from dataclasses import dataclass, field
+from typing import Callable, Mapping
 
 import torch
 
 from . import fp8, memory, offload
-from .checkpoint import CheckpointInfo, describe_checkpoint, load_flux
+from .checkpoint import (CheckpointInfo, describe_checkpoint, describe_state_dict,
+                         flux_from_state_dict, load_flux)
 from .flux import Flux
 from .train import MEMORY_MODES
 
+
+@dataclass
+class BaseTensors:
+    """A training base already in memory: {BFL key: tensor} whose tensors are shared
+    with their owner (never modified here), plus scaled-fp8 scales {BFL layer: scale}."""
+    name: str
+    state_dict: Mapping[str, torch.Tensor]
+    weight_scales: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+class SharedOffloadError(ValueError):
+    """Weight streaming was asked for (or planned) on a base whose tensors are shared."""
 
 
 @dataclass
@@ -42,7 +61,7 @@ def largest_image_tokens(dataset) -> int:
 
 def choose_plan(mode: str, params, free_bytes: int | None, *, img_tokens: int, txt_tokens: int,
                 batch: int, rank: int, fp8_compute: bool, compiled: bool,
-                weight_bytes: float) -> memory.Plan | None:
+                weight_bytes: float, offload_available: bool = True) -> memory.Plan | None:
     """The memory plan for `mode`. Forced modes and a device without a free-memory
     figure (CPU) return a plan-less answer: None, and the caller applies the mode."""
     if mode not in MEMORY_MODES:
@@ -50,7 +69,8 @@ def choose_plan(mode: str, params, free_bytes: int | None, *, img_tokens: int, t
     if free_bytes is None or mode in ("fast", "lean"):
         return None
     p = memory.plan(free_bytes, params, img_tokens, txt_tokens, batch, rank,
-                    fp8_compute=fp8_compute, compiled=compiled, weight_bytes=weight_bytes)
+                    fp8_compute=fp8_compute, compiled=compiled, weight_bytes=weight_bytes,
+                    offload_available=offload_available)
     if mode == "offload" and not p.offload:        # offload asked for although it would fit
         e = memory.estimate(params, img_tokens, txt_tokens, batch, rank, resident_bytes=0,
                             weight_bytes=weight_bytes, fp8_compute=fp8_compute, compiled=compiled)
@@ -59,19 +79,46 @@ def choose_plan(mode: str, params, free_bytes: int | None, *, img_tokens: int, t
     return p
 
 
-def load_base_for_training(path, config, dataset, device,
+def load_base_for_training(source, config, dataset, device,
                            log: Callable[[str], None] = print) -> Placement:
+    """Load the base to train: `source` is a checkpoint path or a BaseTensors."""
     device = torch.device(device)
-    info = describe_checkpoint(path, require_guidance=True)
+    shared = isinstance(source, BaseTensors)
+    if shared:
+        info = describe_state_dict(source.state_dict, source.name, require_guidance=True)
+        info.weight_scales = dict(source.weight_scales)
+    else:
+        info = describe_checkpoint(source, require_guidance=True)
     params = info.params
     free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None
+    if shared and free is not None:   # weights already resident count as room for the weights
+        free += sum(t.numel() * t.element_size() for t in source.state_dict.values()
+                    if _on(t, device))
     weight_bytes = torch.empty((), dtype=info.dtype).element_size()
-    plan = choose_plan(config.memory, params, free, img_tokens=largest_image_tokens(dataset),
-                       txt_tokens=dataset.text_length, batch=config.batch_size, rank=config.rank,
-                       fp8_compute=config.fp8_compute, compiled=config.compile_blocks,
-                       weight_bytes=weight_bytes)
+    if shared and config.memory == "offload":
+        raise SharedOffloadError(_no_shared_offload(source.name, "memory 'offload' was chosen"))
+    try:
+        plan = choose_plan(config.memory, params, free, img_tokens=largest_image_tokens(dataset),
+                           txt_tokens=dataset.text_length, batch=config.batch_size,
+                           rank=config.rank, fp8_compute=config.fp8_compute,
+                           compiled=config.compile_blocks, weight_bytes=weight_bytes,
+                           offload_available=not shared)
+    except memory.MemoryPlanError as e:
+        if not shared:
+            raise
+        raise SharedOffloadError(_no_shared_offload(
+            source.name, f"training does not fit in VRAM without weight streaming ({e})")) from e
     offloading = plan.offload if plan else config.memory == "offload"
-    model, info = load_flux(path, device="cpu" if offloading else device, require_guidance=True)
+    if shared:
+        copied = sum(t.numel() * t.element_size() for t in source.state_dict.values()
+                     if not _on(t, device))
+        if copied:
+            log(f"[fluxtrain] {copied / 2**20:.0f} MiB of {source.name}'s weights are not on "
+                f"{device} and are copied there for training")
+        model = flux_from_state_dict(source.state_dict, params, info.weight_scales, device)
+    else:
+        model, info = load_flux(source, device="cpu" if offloading else device,
+                                require_guidance=True)
 
     if plan is not None:
         model.set_checkpointing(plan.checkpoint_double, plan.checkpoint_single)
@@ -83,6 +130,8 @@ def load_base_for_training(path, config, dataset, device,
         model.set_checkpointing(params.depth, params.depth_single_blocks)
         description = f"memory {config.memory}: every block checkpointed"
 
+    if shared:
+        description += f", weights shared with {source.name} (not copied)"
     offloader = None
     if offloading:
         resident = plan.resident_bytes if plan else 0
@@ -99,3 +148,16 @@ def load_base_for_training(path, config, dataset, device,
         description += ", compiled blocks"
     log(f"[fluxtrain] {description}")
     return Placement(model, info, plan, description, offloader)
+
+
+def _no_shared_offload(name: str, why: str) -> str:
+    return (f"{why}, but the weights of {name} are shared with the model that holds them "
+            "(a MODEL input): streaming them from host memory would need a second copy in "
+            "host memory while the model's own copy stays where it is, so it is not done. "
+            "Use memory 'fast' or 'lean', or load the base from its file with Load Training "
+            "Base, which streams from the file.")
+
+
+def _on(t: torch.Tensor, device: torch.device) -> bool:
+    """True when `t` sits on `device` ("cuda" matches any index, "cuda:1" only itself)."""
+    return t.device.type == device.type and device.index in (None, t.device.index)

@@ -1,8 +1,11 @@
 """Dev2ProLoadTrainingBase: pick the model to train on, get a light handle.
+Dev2ProBaseFromModel: the same handle for a Flux MODEL ComfyUI already loaded.
 
 The node reads only the safetensors headers (keys, shapes, dtypes; no tensor
 data), and passes on a path and a description. Train loads the weights itself
 and releases them when done, so no 12 GB model stays in ComfyUI's output cache.
+A MODEL handle holds a reference to the ModelPatcher (which ComfyUI caches anyway);
+Train builds its Flux around that model's tensors, never a copy of them.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ import os
 from pathlib import Path
 
 import folder_paths
+import torch
 from comfy_api.latest import io
 
 from ..fluxtrain.checkpoint import DIFFUSERS_INDEX, DIFFUSERS_SINGLE, describe_checkpoint
@@ -120,5 +124,104 @@ class Dev2ProLoadTrainingBase(io.ComfyNode):
     @classmethod
     def execute(cls, base_name, variant) -> io.NodeOutput:
         handle = describe(resolve_base(base_name), variant)
+        print(f"[dev2pro] training base {handle['summary']}", flush=True)
+        return io.NodeOutput(handle, handle["summary"], ui={"text": [handle["summary"]]})
+
+
+# ---------------------------------------------------------------- a MODEL as the base
+
+MODEL_INPUT = "MODEL input"
+# Keys ComfyUI's state dict carries next to a quantised weight; not part of the BFL layout.
+COMFY_EXTRA_SUFFIXES = (".comfy_quant", ".weight_scale", ".input_scale", ".scale_weight",
+                        ".scale_input")
+
+
+def flux_module(model):
+    """The FLUX.1 transformer (comfy.ldm.flux.model.Flux) of a ModelPatcher, or a clear error."""
+    import comfy.model_base
+
+    inner = getattr(model, "model", None)
+    dm = getattr(inner, "diffusion_model", None)
+    if (not isinstance(inner, comfy.model_base.Flux) or type(dm).__name__ != "Flux"
+            or type(dm).__module__ != "comfy.ldm.flux.model"):
+        raise CheckpointError(
+            f"Dev2Pro Base from MODEL needs a FLUX.1 model (UNETLoader with a Flux-Dev2Pro or "
+            f"FLUX.1-dev file); this MODEL is {type(inner).__name__} with a "
+            f"{type(dm).__module__}.{type(dm).__name__} transformer. Load a Flux transformer, or "
+            "use Load Training Base to pick the file.")
+    return dm
+
+
+def model_tensors(model) -> dict[str, torch.Tensor]:
+    """{BFL key: tensor} of a MODEL's Flux transformer: references to ComfyUI's own tensors
+    (state_dict() detaches, it does not copy); quantised weights stay QuantizedTensor."""
+    return {k: t for k, t in flux_module(model).state_dict().items()
+            if isinstance(t, torch.Tensor) and not k.endswith(COMFY_EXTRA_SUFFIXES)}
+
+
+def model_source_file(prompt, node_id) -> str | None:
+    """The file name a UNETLoader wired straight into node `node_id` loaded, else None."""
+    try:
+        link = prompt[str(node_id)]["inputs"]["model"]
+        source = prompt[str(link[0])]
+        name = source["inputs"]["unet_name"] if source["class_type"] == "UNETLoader" else None
+    except (KeyError, TypeError, IndexError):
+        return None
+    return name if isinstance(name, str) else None
+
+
+def describe_model(model, variant: str = "auto", file_name: str | None = None) -> dict:
+    """The handle of a MODEL base: the ModelPatcher itself (a reference; no tensor is
+    copied) plus the same description fields as a file handle."""
+    from ..fluxtrain.checkpoint import describe_state_dict
+
+    tensors = model_tensors(model)
+    name = Path(file_name).name if file_name else MODEL_INPUT
+    info = describe_state_dict(tensors, name, require_guidance=True, fmt="MODEL")
+    dtype = info.dtype
+    path = folder_paths.get_full_path("diffusion_models", file_name) if file_name else None
+    p = info.params
+    handle = {
+        "model": model, "path": path, "name": name, "format": "MODEL",
+        "dtype": str(dtype).replace("torch.", ""),
+        "variant": info.variant if variant == "auto" else variant,
+        "blocks": f"{p.depth}+{p.depth_single_blocks}", "hidden_size": p.hidden_size,
+        "guidance_embed": p.guidance_embed,
+        "size": sum(t.numel() * t.element_size() for t in tensors.values()),
+    }
+    handle["summary"] = (f"{name}: {handle['variant']}, MODEL input {handle['dtype']} (shared with "
+                         f"ComfyUI, no copy), {handle['blocks']} blocks of {p.hidden_size}")
+    return handle
+
+
+class Dev2ProBaseFromModel(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="Dev2ProBaseFromModel",
+            display_name="Training Base from MODEL (Dev2Pro / Flux-dev)",
+            category=CATEGORY,
+            description="Uses a Flux MODEL from ComfyUI's UNETLoader as the training base, without a "
+                        "second copy of the weights: training references the loaded model's tensors "
+                        "and never changes them (the MODEL samples exactly as before).",
+            inputs=[
+                io.Model.Input("model", tooltip="A FLUX.1 MODEL (Dev2Pro or dev) from UNETLoader. "
+                                                "Schnell and non-Flux models are refused."),
+                io.Combo.Input("variant", options=list(VARIANTS), default="auto",
+                               tooltip="What this base is, for labels and metadata. auto: 'dev2pro' "
+                                       "when the UNETLoader's file name says so, else 'dev'."),
+            ],
+            outputs=[
+                BaseType.Output(display_name="base",
+                                tooltip="Light handle: a reference to the MODEL + description."),
+                io.String.Output(display_name="info", tooltip="What the MODEL holds."),
+            ],
+            hidden=[io.Hidden.prompt, io.Hidden.unique_id],
+        )
+
+    @classmethod
+    def execute(cls, model, variant) -> io.NodeOutput:
+        file_name = model_source_file(cls.hidden.prompt, cls.hidden.unique_id)
+        handle = describe_model(model, variant, file_name)
         print(f"[dev2pro] training base {handle['summary']}", flush=True)
         return io.NodeOutput(handle, handle["summary"], ui={"text": [handle["summary"]]})

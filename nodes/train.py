@@ -20,7 +20,7 @@ import torch
 from comfy_api.latest import io
 
 from ..fluxtrain.checkpoint import content_hash
-from ..fluxtrain.placement import load_base_for_training
+from ..fluxtrain.placement import BaseTensors, load_base_for_training
 from ..fluxtrain.dataset import EncodedDataset
 from ..fluxtrain.files import atomic_write_json
 from ..fluxtrain.lora import load_lora_file
@@ -85,7 +85,7 @@ class Dev2ProTrainLoRA(io.ComfyNode):
                         "Cancel leaves a resumable checkpoint; queue the same name and settings to "
                         "continue.",
             inputs=[
-                BaseType.Input("base", tooltip="From Load Training Base."),
+                BaseType.Input("base", tooltip="From Load Training Base or Training Base from MODEL."),
                 DatasetType.Input("dataset", tooltip="From Encode Dataset."),
                 io.String.Input("name", default="dev2pro/my_lora",
                                 tooltip="Run name: the LoRA is written to models/loras/<name>.safetensors "
@@ -137,7 +137,8 @@ class Dev2ProTrainLoRA(io.ComfyNode):
         _check_same_inputs(run_dir, name, base, dataset)
 
         node_id = cls.hidden.unique_id
-        metadata = {"name": base["name"], "hash": content_hash(base["path"]),
+        base_hash = content_hash(base["path"]) if base.get("path") else ""   # "" for a MODEL
+        metadata = {"name": base["name"], "hash": base_hash,
                     "variant": base["variant"], "dataset": dataset.get("key", ""),
                     **recipe_metadata(cls.hidden.prompt, cls.hidden.extra_pnginfo)}
 
@@ -167,8 +168,11 @@ class Dev2ProTrainLoRA(io.ComfyNode):
         try:
             # ComfyUI runs nodes under inference_mode; training needs autograd back.
             with torch.inference_mode(False), torch.enable_grad():
-                placed = load_base_for_training(base["path"], config, data, device,
+                source = (shared_base(base, device) if base.get("model") is not None
+                          else base["path"])
+                placed = load_base_for_training(source, config, data, device,
                                                 log=lambda line: print(line, flush=True))
+                del source         # the references to ComfyUI's tensors live in the model only
                 print(f"[dev2pro] training {name} on {base['summary']}, {len(data)} samples, "
                       f"guidance {config.guidance:g}, {config.steps} steps", flush=True)
                 saved = load_latest_state(run_dir)
@@ -204,7 +208,8 @@ class Dev2ProTrainLoRA(io.ComfyNode):
 def _check_same_inputs(run_dir, name, base, dataset) -> None:
     """A run name resumes only on the same base and dataset; record them on first use."""
     record = run_dir / "inputs.json"
-    now = {"base": base["name"], "base_size": _size(base["path"]), "dataset": dataset.get("key", "")}
+    size = _size(base["path"]) if base.get("path") else base.get("size", 0)
+    now = {"base": base["name"], "base_size": size, "dataset": dataset.get("key", "")}
     if record.is_file():
         import json
 
@@ -223,3 +228,48 @@ def _size(path) -> int:
     from ..fluxtrain.checkpoint import weight_files
 
     return sum(f.stat().st_size for f in weight_files(path))
+
+
+def shared_base(base: dict, device) -> BaseTensors:
+    """The weights of a MODEL handle (Dev2ProBaseFromModel) as a BaseTensors that shares
+    ComfyUI's tensors. ComfyUI's model is never modified: our Flux's FrozenLinear modules
+    (and the LoRA adapters on them) merely reference the same weight tensors.
+
+    - The weights are put on the training device the way ComfyUI does it for sampling
+      (load_models_gpu, full load); on a CPU they already are there.
+    - A scaled-fp8 weight (comfy.quant_ops.QuantizedTensor with a per-tensor scale) is
+      shared as its float8 data plus its scale, no copy. Any other quantised layout is
+      dequantised: a copy of that one tensor in its real dtype (said in the console)."""
+    import comfy.model_management as mm
+    from comfy.quant_ops import QuantizedTensor
+
+    from .base import model_tensors
+
+    patcher = base["model"]
+    mm.load_models_gpu([patcher], force_full_load=True)
+    sd, scales, copied = {}, {}, []
+    for key, t in model_tensors(patcher).items():
+        if isinstance(t, QuantizedTensor):
+            qdata, scale = _per_tensor_fp8(t)
+            if qdata is not None and key.endswith(".weight"):
+                sd[key], scales[key[: -len(".weight")]] = qdata, scale
+                continue
+            t = t.dequantize()      # a copy: this layout has no float8-with-one-scale form
+            copied.append(key)
+        sd[key] = t
+    if copied:
+        print(f"[dev2pro] {len(copied)} quantised weights of {base['name']} were dequantised "
+              f"(copied) for training, e.g. {copied[:3]}", flush=True)
+    return BaseTensors(base["name"], sd, scales)
+
+
+def _per_tensor_fp8(t):
+    """(float8 data, float32 scalar scale) of a QuantizedTensor in a per-tensor float8
+    layout, sharing its storage; (None, None) for any other layout."""
+    qdata = getattr(t, "_qdata", None)
+    scale = getattr(getattr(t, "_params", None), "scale", None)
+    if (isinstance(qdata, torch.Tensor) and qdata.dtype in (torch.float8_e4m3fn, torch.float8_e5m2)
+            and tuple(qdata.shape) == tuple(t.shape) and isinstance(scale, torch.Tensor)
+            and scale.numel() == 1):
+        return qdata, scale.float().reshape(())
+    return None, None

@@ -7,7 +7,10 @@ import pytest
 import torch
 
 from fluxtrain.params import FluxParams
-from fluxtrain.placement import choose_plan, load_base_for_training
+from fluxtrain.checkpoint import load_state_dict
+from fluxtrain.params import CheckpointError
+from fluxtrain.placement import (BaseTensors, SharedOffloadError, choose_plan,
+                                 load_base_for_training)
 from fluxtrain.synthetic import write_bfl
 from fluxtrain.train import TrainConfig, train
 
@@ -68,3 +71,65 @@ def test_every_memory_mode_trains_the_same_losses(base_and_data, tmp_path, mode)
         losses[m] = train(placed.model, data, config, tmp_path / m, log=lambda _: None).losses
         placed.release()
     assert losses[mode] == losses["fast"]
+
+
+# ---------------------------------------------------------------- a base already in memory
+
+def test_base_from_a_shared_state_dict_references_its_tensors_and_trains(tiny_sd, make_dataset,
+                                                                         tmp_path):
+    """A BaseTensors (e.g. the weights of ComfyUI's MODEL) becomes our Flux without a copy:
+    every parameter is the very storage of the given tensor; training leaves them unchanged
+    and trains exactly as the same weights loaded from a file."""
+    data = make_dataset(tmp_path / "data")
+    sd = {k: v.clone() for k, v in tiny_sd.items()}
+    before = {k: v.clone() for k, v in sd.items()}
+    config = TrainConfig(steps=3, learning_rate=1e-3, rank=4, alpha=4.0, compute_dtype="float32",
+                         checkpoint_every=0, memory="fast")
+    lines = []
+    placed = load_base_for_training(BaseTensors("MODEL input", sd), config, data, "cpu",
+                                    log=lines.append)
+    params = placed.model.state_dict()
+    assert set(params) == set(sd)
+    for k, t in sd.items():
+        assert params[k].data_ptr() == t.data_ptr(), f"{k} was copied"
+    assert placed.info.name == "MODEL input" and placed.info.format == "memory"
+    assert "weights shared with MODEL input (not copied)" in lines[-1]
+    shared = train(placed.model, data, config, tmp_path / "shared", log=lambda _: None)
+    placed.release()
+    for k, t in sd.items():
+        assert torch.equal(t, before[k]), f"training changed the shared tensor {k}"
+
+    path = tmp_path / "flux-dev.safetensors"
+    write_bfl(tiny_sd, path, dtype=torch.float32)
+    placed = load_base_for_training(path, config, data, "cpu", log=lambda _: None)
+    from_file = train(placed.model, data, config, tmp_path / "file", log=lambda _: None)
+    assert shared.losses == from_file.losses and len(shared.losses) == 3
+
+
+def test_shared_float8_base_keeps_float8_storage_and_its_scales(tiny_sd, make_dataset, tmp_path):
+    path = tmp_path / "flux-dev2pro-fp8.safetensors"
+    write_bfl(tiny_sd, path, dtype=torch.float8_e4m3fn)
+    sd, _ = load_state_dict(path)
+    scales = {"final_layer.linear": torch.tensor(0.5)}
+    config = TrainConfig(steps=1, rank=4, compute_dtype="float32", checkpoint_every=0, memory="lean")
+    placed = load_base_for_training(BaseTensors("flux-dev2pro-fp8", sd, scales), config,
+                                    make_dataset(tmp_path / "data"), "cpu", log=lambda _: None)
+    layer = placed.model.get_submodule("double_blocks.0.img_attn.qkv")
+    assert layer.weight.dtype == torch.float8_e4m3fn
+    assert layer.weight.data_ptr() == sd["double_blocks.0.img_attn.qkv.weight"].data_ptr()
+    assert placed.model.final_layer.linear.weight_scale == 0.5
+    assert placed.info.variant == "dev2pro" and placed.info.dtype == torch.float8_e4m3fn
+
+
+def test_shared_base_refuses_offload_and_schnell_clearly(tiny_sd, make_dataset, tmp_path):
+    data = make_dataset(tmp_path / "data")
+    config = TrainConfig(steps=1, rank=4, compute_dtype="float32", memory="offload")
+    with pytest.raises(SharedOffloadError, match="memory 'offload' was chosen.*shared.*second copy"):
+        load_base_for_training(BaseTensors("MODEL input", dict(tiny_sd)), config, data, "cpu")
+    schnell = {k: v for k, v in tiny_sd.items() if not k.startswith("guidance_in.")}
+    config = TrainConfig(steps=1, rank=4, compute_dtype="float32", memory="fast")
+    with pytest.raises(CheckpointError, match="MODEL input has no guidance_in layers"):
+        load_base_for_training(BaseTensors("MODEL input", schnell), config, data, "cpu")
+    with pytest.raises(CheckpointError, match="MODEL input does not match the Flux shapes"):
+        load_base_for_training(BaseTensors("MODEL input", {**tiny_sd, "extra.weight": torch.zeros(2, 2)}),
+                               config, data, "cpu")
