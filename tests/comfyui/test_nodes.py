@@ -15,7 +15,7 @@ from fluxtrain.train import TrainConfig
 
 from .harness import ComfyError
 
-NODES = ("Dev2ProLoadTrainingBase", "Dev2ProImagesFromFolder", "Dev2ProImagesFromBatch",
+NODES = ("Dev2ProLoadTrainingBase", "Dev2ProBaseFromModel", "Dev2ProImagesFromFolder", "Dev2ProImagesFromBatch",
          "Dev2ProEncodeDataset", "Dev2ProTrainLoRA", "Dev2ProApplyLoRA", "Dev2ProCompareGrid",
          "Dev2ProLossChart")
 EXAMPLES = Path(__file__).resolve().parents[2] / "example_workflows"
