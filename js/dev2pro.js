@@ -388,8 +388,8 @@ class CompareWidget {
     if (pairs && pairs !== this.shown) {
       this.shown = pairs;
       this.view.setPairs(pairs);
-      // The grid preview arrives with the same output: grow the node so that the preview
-      // and this widget both get their minimum height instead of overlapping.
+      // Make sure the node is at least as tall as its widgets need (ComfyUI's own grid
+      // preview is hidden on this node, see hideNativePreview).
       this.fit();
       setTimeout(() => this.fit(), 250);
     }
@@ -428,6 +428,21 @@ function attach(node, name, Widget, minHeight, minWidth) {
   node.setSize?.([Math.max(node.size?.[0] ?? 0, minWidth), Math.max(node.size?.[1] ?? 0, size[1])]);
   charts.changed();
   return controller;
+}
+
+const NATIVE_PREVIEW = "$$canvas-image-preview";
+
+/** Hide ComfyUI's canvas image preview on a node that carries our A/B widget (called right
+ *  after the frontend's onDrawBackground added it, so it is never laid out or drawn). */
+function hideNativePreview(node) {
+  if (!node.dev2pro || !node.widgets) return; // no A/B widget: keep ComfyUI's own preview
+  for (const w of node.widgets) {
+    if (w.name === NATIVE_PREVIEW && !w.hidden) {
+      w.hidden = true;
+      w.computedHeight = 0;
+      node.setDirtyCanvas?.(true, true);
+    }
+  }
 }
 
 // ---------------------------------------------------------------- history (page reload)
@@ -545,6 +560,26 @@ app.registerExtension({
       }
       return result;
     };
+
+    if (!isTrain) {
+      // ComfyUI 1.35.9 shows a node's executed ui "images" as a canvas widget
+      // ("$$canvas-image-preview", minHeight 220) that it appends after our DOM widget from
+      // onDrawBackground (updatePreviews) and draws in a deferred pass after every node.
+      // The grid it would show is the same content as our A/B view (and is the node's grid
+      // output, shown by the Save Image node it feeds), so while our widget is on the node
+      // the preview is hidden: no overlap, no second copy, no 220 px growth after each run.
+      // node.imgs stays set, so "Open Image" / "Save Image" in the node's menu still work.
+      const onDrawBackground = proto.onDrawBackground;
+      proto.onDrawBackground = function (...args) {
+        const result = onDrawBackground?.apply(this, args);
+        try {
+          hideNativePreview(this);
+        } catch (error) {
+          report("the grid preview could not be hidden behind the A/B widget", error);
+        }
+        return result;
+      };
+    }
 
     const onConfigure = proto.onConfigure;
     proto.onConfigure = function (...args) {

@@ -71,6 +71,35 @@ window.__t = {
     const x = r.left + (n.pos[0] + c.ds.offset[0]) * s, y = r.top + (n.pos[1] - title + c.ds.offset[1]) * s;
     return { x, y, width: n.size[0] * s, height: (n.size[1] + title) * s };
   },
+  async previewVsWidget(id, frames = 3) {
+    // Where ComfyUI lays out and really draws this node's own image preview (node.imgs, drawn
+    // by the frontend in a deferred pass), next to our A/B widget, all in page pixels.
+    const c = this.app.canvas, n = this.node(id), cr = c.canvas.getBoundingClientRect();
+    const k = cr.width / c.canvas.width, s = c.ds.scale;
+    const left = cr.left + (n.pos[0] + c.ds.offset[0]) * s, top = cr.top + (n.pos[1] + c.ds.offset[1]) * s;
+    const own = new Set(n.imgs ?? []), draws = [];
+    const proto = CanvasRenderingContext2D.prototype, orig = proto.drawImage;
+    proto.drawImage = function (img, ...a) {
+      const t = this.getTransform();
+      const ox = cr.left + t.e * k, oy = cr.top + t.f * k;   // this node's origin when drawing it
+      if (this.canvas === c.canvas && own.has(img) && Math.abs(ox - left) < 2 && Math.abs(oy - top) < 2) {
+        const [x, y, w, h] = a.length >= 8 ? a.slice(4, 8) : a.length >= 4 ? a : [a[0], a[1], img.naturalWidth, img.naturalHeight];
+        draws.push({ x: ox + t.a * x * k, y: oy + t.d * y * k, width: t.a * w * k, height: t.d * h * k });
+      }
+      return orig.call(this, img, ...a);
+    };
+    try {
+      for (let i = 0; i < frames; i++) {
+        c.setDirty(true, true);
+        await new Promise(r => requestAnimationFrame(r));
+        await new Promise(r => setTimeout(r, 0));   // the deferred image pass (a microtask)
+      }
+    } finally { proto.drawImage = orig; }
+    const pv = n.widgets.find(w => w.name === '$$canvas-image-preview');
+    const laid = pv && !pv.hidden ? { x: left, y: top + pv.y * s, width: n.size[0] * s, height: (pv.computedHeight ?? 0) * s } : null;
+    return { widget: this.elementRect(id, 'dev2pro_compare'), images: n.imgs?.length ?? 0,
+             preview: !!pv, hidden: !!pv?.hidden, laid, draws };
+  },
   elementRect(id, name, selector) {
     let el = this.widget(id, name)?.element;
     if (el && selector) el = el.querySelector(selector);
@@ -182,6 +211,22 @@ def ab_live(comfy, comfy_page, artifacts):
             "second": int(second), "compare": int(compare), "shot_mid": shot_mid}
 
 
+def _overlap(a: dict, b: dict) -> bool:
+    return (a["x"] < b["x"] + b["width"] - 0.5 and b["x"] < a["x"] + a["width"] - 0.5
+            and a["y"] < b["y"] + b["height"] - 0.5 and b["y"] < a["y"] + a["height"] - 0.5)
+
+
+def assert_preview_clear_of_widget(page, node: int):
+    """ComfyUI's own preview of the node's ui "images" (laid out as a widget after ours and
+    drawn on the canvas) must never lie under or over our A/B widget (a DOM element)."""
+    p = page.evaluate("(id) => __t.previewVsWidget(id)", node)
+    assert p["images"] >= 1, f"the grid preview never reached the node: {p}"
+    assert p["widget"] and p["widget"]["height"] > 50, p
+    for box in ([p["laid"]] if p["laid"] else []) + p["draws"]:
+        assert not _overlap(p["widget"], box), f"the grid preview {box} overlaps the A/B widget {p['widget']}: {p}"
+    return p
+
+
 def test_loss_chart_gains_points_while_the_run_trains(comfy_page, ab_live, artifacts):
     page = comfy_page
     first = [s[0] for _, s in ab_live["samples"]]
@@ -218,6 +263,7 @@ def test_compare_widget_shows_two_labelled_images_and_the_split_follows_a_drag(c
     assert c["labelB"] == expected[0]["label_b"] and "dev" in c["labelB"] and "3.5" in c["labelB"]
     assert expected[0]["prompt"] in c["caption"] and f"seed {expected[0]['seed']}" in c["caption"]
     node_shot(page, artifacts / "compare_widget.png", node)
+    assert_preview_clear_of_widget(page, node)
 
     box = page.evaluate("(id) => __t.elementRect(id, 'dev2pro_compare', '.dev2pro-compare-frame')", node)
     assert box and box["width"] > 50 and box["height"] > 50, box
@@ -233,6 +279,7 @@ def test_compare_widget_shows_two_labelled_images_and_the_split_follows_a_drag(c
     moved = page.evaluate("(id) => __t.node(id).pos.slice()", node)
     node_shot(page, artifacts / "compare_widget_dragged.png", node)
     assert moved == page.evaluate("(id) => __t.node(id).pos.slice()", node)
+    assert_preview_clear_of_widget(page, node)
 
     page.locator(".dev2pro-compare .dev2pro-mode[data-mode=b]").click()
     assert page.evaluate("(id) => __t.compare(id).mode", node) == "b"
