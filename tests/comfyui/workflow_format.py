@@ -93,6 +93,12 @@ class Node:
     title: str | None = None
 
 
+# Room below the widgets for what the frontend draws there: the pack's loss chart and A/B
+# widget, and image previews. Without it a node grows over the node below after a run.
+EXTRA_HEIGHT = {"Dev2ProTrainLoRA": 280, "Dev2ProCompareGrid": 360, "Dev2ProLossChart": 300,
+                "SaveImage": 300, "PreviewImage": 300}
+
+
 def build_ui_workflow(nodes: list[Node], object_info: dict, *, column_width: int = 420,
                       gap: int = 40) -> dict:
     """A UI-format workflow the frontend opens: positions by column, sockets, links and
@@ -125,7 +131,7 @@ def build_ui_workflow(nodes: list[Node], object_info: dict, *, column_width: int
             elif not optional:
                 raise ValueError(f"{n.key}.{name} ({kind}) is required but not linked")
             sockets.append({"name": name, "type": kind, "link": link_id})
-        height = 60 + 26 * (len(sockets) + len(widgets))
+        height = 60 + 26 * (len(sockets) + len(widgets)) + EXTRA_HEIGHT.get(n.type, 0)
         y = sum(heights.get(m.key, 0) + gap for m in nodes[:order] if m.col == n.col)
         heights[n.key] = height
         ui_node = {"id": ids[n.key], "type": n.type, "pos": [40 + n.col * column_width, 40 + y],
