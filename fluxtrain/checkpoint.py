@@ -397,12 +397,24 @@ def _layout(path: str | os.PathLike, require_guidance: bool) -> _Layout:
     parts = {bfl: [metas[k] for k in keys] for bfl, keys in sources.items()}
     shapes = {bfl: (sum(m.shape[0] for m in ms), *ms[0].shape[1:]) if len(ms) > 1 else ms[0].shape
               for bfl, ms in parts.items()}
+    name = _model_name(p)
+    params, is_schnell, variant = _identify(shapes, name, str(path), require_guidance)
+    # Storage dtype of the Linear weights: the most common dtype of the 2-D tensors.
+    dtype = Counter(ms[0].dtype for bfl, ms in parts.items()
+                    if len(shapes[bfl]) == 2).most_common(1)[0][0]
+    info = CheckpointInfo(path=str(path), name=name, format=fmt, dtype=dtype, params=params,
+                          is_schnell=is_schnell, variant=variant, files=[str(f) for f in files])
+    return _Layout(info, sources, scales)
+
+
+def _identify(shapes, name: str, where: str, require_guidance: bool):
+    """(FluxParams, is_schnell, variant guess) of a Flux from its tensor shapes, with the
+    key check and the schnell refusal that every way of reading a base shares."""
     try:
         params = FluxParams.from_state_dict(shapes)
     except CheckpointError as e:
-        raise CheckpointError(f"{path}: {e}") from e
-    _check_keys(shapes, params, str(path))
-    name = _model_name(p)
+        raise CheckpointError(f"{where}: {e}") from e
+    _check_keys(shapes, params, where)
     is_schnell = not params.guidance_embed
     if require_guidance and is_schnell:
         raise CheckpointError(
@@ -410,12 +422,7 @@ def _layout(path: str | os.PathLike, require_guidance: bool) -> _Layout:
             "guidance input, but guidance training was requested. Use FLUX.1-dev or "
             "Flux-Dev2Pro, or train without a guidance value.")
     variant = ("dev2pro" if "dev2pro" in name.lower() else "schnell" if is_schnell else "dev")
-    # Storage dtype of the Linear weights: the most common dtype of the 2-D tensors.
-    dtype = Counter(ms[0].dtype for bfl, ms in parts.items()
-                    if len(shapes[bfl]) == 2).most_common(1)[0][0]
-    info = CheckpointInfo(path=str(path), name=name, format=fmt, dtype=dtype, params=params,
-                          is_schnell=is_schnell, variant=variant, files=[str(f) for f in files])
-    return _Layout(info, sources, scales)
+    return params, is_schnell, variant
 
 
 def describe_checkpoint(path: str | os.PathLike, require_guidance: bool = False) -> CheckpointInfo:
@@ -499,18 +506,7 @@ def describe_state_dict(sd: Mapping[str, torch.Tensor], name: str,
     weights of a model another program loaded): the same shape checks and schnell check
     as describe_checkpoint. `path` is empty and `files` is empty: there is no file."""
     shapes = {k: tuple(t.shape) for k, t in sd.items()}
-    try:
-        params = FluxParams.from_state_dict(shapes)
-    except CheckpointError as e:
-        raise CheckpointError(f"{name}: {e}") from e
-    _check_keys(shapes, params, name)
-    is_schnell = not params.guidance_embed
-    if require_guidance and is_schnell:
-        raise CheckpointError(
-            f"{name} has no guidance_in layers: it is a schnell-type model that takes no "
-            "guidance input, but guidance training was requested. Use FLUX.1-dev or "
-            "Flux-Dev2Pro, or train without a guidance value.")
-    variant = ("dev2pro" if "dev2pro" in name.lower() else "schnell" if is_schnell else "dev")
+    params, is_schnell, variant = _identify(shapes, name, name, require_guidance)
     dtype = Counter(t.dtype for t in sd.values() if t.ndim == 2).most_common(1)[0][0]
     return CheckpointInfo(path="", name=name, format=fmt, dtype=dtype, params=params,
                           is_schnell=is_schnell, variant=variant)
