@@ -110,10 +110,10 @@ def run_ab(server, prompt: dict, workflow: dict, out: Path, timeout: float) -> l
 
 
 class RemoteServer:
-    """The bits of the test harness's ComfyServer this script needs, for a running ComfyUI."""
+    """The bits of ComfyServer (scripts/comfy_server.py) this script needs, for a running ComfyUI."""
 
     def __init__(self, url: str):
-        from tests.comfyui.harness import ComfyServer
+        from scripts.comfy_server import ComfyServer
 
         self.url = url.rstrip("/")
         self._impl = ComfyServer.__new__(ComfyServer)
@@ -128,7 +128,7 @@ class RemoteServer:
             entry = self._impl.history(prompt_id)
             if entry and entry.get("status", {}).get("status_str") in ("success", "error"):
                 if entry["status"]["status_str"] == "error":
-                    from tests.comfyui.harness import ComfyError, describe_failure
+                    from scripts.comfy_server import ComfyError, describe_failure
                     raise ComfyError(describe_failure(entry))
                 return entry
             time.sleep(2)
@@ -142,7 +142,7 @@ def main(argv=None) -> int:
     parser.add_argument("--timeout", type=float, default=6 * 3600)
     args = parser.parse_args(argv)
 
-    from tests.comfyui.workflow_format import ui_to_api
+    from scripts.workflow_format import ui_to_api
 
     workflow = json.loads(AB_WORKFLOW.read_text())
     if args.url:
@@ -157,9 +157,9 @@ def main(argv=None) -> int:
 
 
 def smoke_demo(workflow: dict, out: Path, timeout: float) -> list[Path]:
-    from tests.comfyui import models
-    from tests.comfyui.harness import ComfyServer, find_comfyui
-    from tests.comfyui.workflow_format import ui_to_api
+    from scripts import demo_models as models
+    from scripts.comfy_server import ComfyServer, find_comfyui
+    from scripts.workflow_format import ui_to_api
 
     comfyui = find_comfyui()
     if comfyui is None:

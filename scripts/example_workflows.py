@@ -18,8 +18,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from tests.comfyui.harness import ComfyServer, find_comfyui  # noqa: E402
-from tests.comfyui.workflow_format import Node, build_ui_workflow  # noqa: E402
+from scripts.comfy_server import ComfyServer, find_comfyui  # noqa: E402
+from scripts.workflow_format import Node, build_ui_workflow  # noqa: E402
 
 DEV2PRO = "flux-dev2pro-fp8.safetensors"
 DEV = "flux1-dev.safetensors"

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.comfyui.harness import ComfyServer, copy_into, find_comfyui
+from scripts.comfy_server import ComfyServer, copy_into, find_comfyui
 
 from .launcher import browser_context, find_chromium, open_comfy, playwright_missing
 
@@ -83,7 +83,7 @@ def comfy(tmp_path_factory) -> ComfyServer:
     small random Flux / CLIP-L / VAE in its model folders and a kohya training folder
     in input/training/my_subject. It boots while the models are written."""
     from scripts.demo_ab import write_demo_images
-    from tests.comfyui import models
+    from scripts import demo_models as models
 
     server = ComfyServer(COMFYUI, tmp_path_factory.mktemp("browser-comfyui"))
     server.launch()

@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 
 from scripts.demo_ab import SMOKE_TRAIN, for_small_models
-from tests.comfyui.workflow_format import ui_to_api
+from scripts.workflow_format import ui_to_api
 
 from .conftest import Models
 from .launcher import close_dialogs, open_dialogs, wait_for_app

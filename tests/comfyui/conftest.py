@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from .harness import ComfyServer, copy_into, find_comfyui
-from . import models
+from scripts.comfy_server import ComfyServer, copy_into, find_comfyui
+from scripts import demo_models as models
 
 COMFYUI = find_comfyui()
 NOT_FOUND = ("ComfyUI not found: set COMFYUI_PATH to a ComfyUI checkout; "

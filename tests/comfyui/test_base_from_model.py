@@ -17,7 +17,7 @@ from safetensors import safe_open
 from fluxtrain.checkpoint import load_state_dict
 from fluxtrain.synthetic import write_bfl
 
-from .harness import ComfyError, flux_dev_graph, lora_keys_not_loaded
+from scripts.comfy_server import ComfyError, flux_dev_graph, lora_keys_not_loaded
 
 TRAIN = dict(steps=2, rank=4, alpha=4.0, learning_rate=0.02, memory="fast",
              compute_dtype="float32", checkpoint_every=0)

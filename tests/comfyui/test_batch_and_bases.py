@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from fluxtrain.checkpoint import load_state_dict
 from fluxtrain.synthetic import write_diffusers
 
-from .harness import ComfyError, ComfyServer, copy_into, find_comfyui, lora_keys_not_loaded
+from scripts.comfy_server import ComfyError, ComfyServer, copy_into, find_comfyui, lora_keys_not_loaded
 
 RED, BLUE, GREEN = 0xFF0000, 0x0000FF, 0x00FF00
 DIFFUSERS_BASE = "test-flux-dev2pro-diffusers"   # a folder under models/diffusion_models

@@ -13,7 +13,7 @@ import pytest
 
 from fluxtrain.train import TrainConfig
 
-from .harness import ComfyError
+from scripts.comfy_server import ComfyError
 
 NODES = ("Dev2ProLoadTrainingBase", "Dev2ProBaseFromModel", "Dev2ProImagesFromFolder", "Dev2ProImagesFromBatch",
          "Dev2ProEncodeDataset", "Dev2ProTrainLoRA", "Dev2ProApplyLoRA", "Dev2ProCompareGrid",

@@ -10,8 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
-from . import models
-from .harness import ComfyInterrupted, flux_dev_graph, lora_keys_not_loaded
+from scripts import demo_models as models
+from scripts.comfy_server import ComfyInterrupted, flux_dev_graph, lora_keys_not_loaded
 
 
 def test_flux_dev_graph_samples_a_finite_nonconstant_image(comfy_server, comfy_models):

@@ -20,8 +20,8 @@ from safetensors import safe_open
 
 from scripts.demo_ab import SMOKE_TRAIN, for_small_models, write_demo_images
 
-from .harness import ComfyInterrupted, copy_into, flux_dev_graph, lora_keys_not_loaded
-from .workflow_format import ui_to_api
+from scripts.comfy_server import ComfyInterrupted, copy_into, flux_dev_graph, lora_keys_not_loaded
+from scripts.workflow_format import ui_to_api
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "example_workflows"
 AB = "dev2pro_vs_dev_lora_ab"

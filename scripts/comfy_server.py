@@ -34,7 +34,7 @@ import urllib.request
 import uuid
 from pathlib import Path
 
-PACK_DIR = Path(__file__).resolve().parents[2]
+PACK_DIR = Path(__file__).resolve().parents[1]
 PACK_NAME = "comfyui-dev2pro-lora-trainer"
 MODEL_FOLDERS = ("diffusion_models", "unet", "checkpoints", "loras", "vae", "text_encoders", "clip")
 HOST = "127.0.0.1"
