@@ -74,16 +74,24 @@ def resolve_base(choice: str) -> Path:
 def describe(path: Path, variant: str = "auto") -> dict:
     """The handle: where the base is and what it is, from the file headers alone."""
     info = describe_checkpoint(path, require_guidance=True)
+    return _handle(info, variant, f"{info.format} {_dtype(info)}", path=str(path))
+
+
+def _dtype(info) -> str:
+    return str(info.dtype).replace("torch.", "")
+
+
+def _handle(info, variant: str, storage: str, **extra) -> dict:
+    """The fields every base handle carries, whatever the base came from."""
     p = info.params
     handle = {
-        "path": str(path), "name": info.name, "format": info.format,
-        "dtype": str(info.dtype).replace("torch.", ""),
+        "name": info.name, "format": info.format, "dtype": _dtype(info),
         "variant": info.variant if variant == "auto" else variant,
         "blocks": f"{p.depth}+{p.depth_single_blocks}", "hidden_size": p.hidden_size,
-        "guidance_embed": p.guidance_embed,
+        "guidance_embed": p.guidance_embed, **extra,
     }
-    handle["summary"] = (f"{handle['name']}: {handle['variant']}, {handle['format']} "
-                         f"{handle['dtype']}, {handle['blocks']} blocks of {p.hidden_size}")
+    handle["summary"] = (f"{info.name}: {handle['variant']}, {storage}, "
+                         f"{handle['blocks']} blocks of {p.hidden_size}")
     return handle
 
 
@@ -178,20 +186,10 @@ def describe_model(model, variant: str = "auto", file_name: str | None = None) -
     tensors = model_tensors(model)
     name = Path(file_name).name if file_name else MODEL_INPUT
     info = describe_state_dict(tensors, name, require_guidance=True, fmt="MODEL")
-    dtype = info.dtype
     path = folder_paths.get_full_path("diffusion_models", file_name) if file_name else None
-    p = info.params
-    handle = {
-        "model": model, "path": path, "name": name, "format": "MODEL",
-        "dtype": str(dtype).replace("torch.", ""),
-        "variant": info.variant if variant == "auto" else variant,
-        "blocks": f"{p.depth}+{p.depth_single_blocks}", "hidden_size": p.hidden_size,
-        "guidance_embed": p.guidance_embed,
-        "size": sum(t.numel() * t.element_size() for t in tensors.values()),
-    }
-    handle["summary"] = (f"{name}: {handle['variant']}, MODEL input {handle['dtype']} (shared with "
-                         f"ComfyUI, no copy), {handle['blocks']} blocks of {p.hidden_size}")
-    return handle
+    return _handle(info, variant, f"MODEL input {_dtype(info)} (shared with ComfyUI, no copy)",
+                   model=model, path=path,
+                   size=sum(t.numel() * t.element_size() for t in tensors.values()))
 
 
 class Dev2ProBaseFromModel(io.ComfyNode):
