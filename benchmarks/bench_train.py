@@ -139,7 +139,7 @@ def run_config(cfg: dict) -> dict:
     from fluxtrain import fp8, memory
     from fluxtrain.lora import attach_lora
     from fluxtrain.params import FluxParams
-    from fluxtrain.train import TrainConfig, _make_optimizer, compute_loss, step_generator
+    from fluxtrain.train import MicroStep, TrainConfig, _make_optimizer, step_generator
 
     device = torch.device(cfg.get("device", "cuda"))
     cuda = device.type == "cuda"
@@ -176,7 +176,7 @@ def run_config(cfg: dict) -> dict:
 
     config = TrainConfig(rank=cfg["rank"], alpha=float(cfg["rank"]), targets="all",
                          memory="fast" if mode == "fast" else "lean", seed=0,
-                         learning_rate=cfg.get("lr", 1e-4))
+                         learning_rate=cfg.get("lr", 1e-4), cuda_graphs=bool(cfg.get("graphs")))
     if mode == "fast":
         model.set_checkpointing(0, 0)
     elif mode == "lean":
@@ -208,9 +208,11 @@ def run_config(cfg: dict) -> dict:
         for block in (*model.double_blocks, *model.single_blocks):
             block.compile()
     n_fp8 = fp8.enable_fp8_compute(model, device, enabled=cfg["compute"] == "fp8",
-                                   backward=cfg.get("fp8_backward", True))
+                                   backward=cfg.get("fp8_backward", True),
+                                   keep_transposed=bool(cfg.get("fp8_keep_transposed")))
     lora_params = [p for a in adapters.values() for p in a.parameters()]
     optimizer = _make_optimizer(config, lora_params, device)
+    micro_step = MicroStep(model, lora_params, config, device)
 
     g = torch.Generator(device=device).manual_seed(123)
     h = w = res // 8
@@ -224,26 +226,34 @@ def run_config(cfg: dict) -> dict:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     grads_saved = None
-    for step in range(warmup + steps):
-        start, end = _timer(cuda), _timer(cuda)
-        start.record()
+
+    def one_step(step: int) -> float:
+        nonlocal grads_saved
         generator = step_generator(config.seed, step, device)
-        loss = compute_loss(model, batch, config, generator)
-        loss.backward()
+        loss = micro_step(batch, generator)
         if step == 0 and cfg.get("grads_file"):
             grads_saved = {f"{n}.{k}": getattr(a, k).grad.detach().float().cpu()
                            for n, a in adapters.items() for k in ("down", "up")}
         if config.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(lora_params, config.max_grad_norm)
         optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        micro_step.zero_grad()
+        return loss
+
+    for step in range(warmup + steps):
+        start, end = _timer(cuda), _timer(cuda)
+        start.record()
+        loss = one_step(step)
         end.record()
         end.synchronize()
-        losses.append(loss.item())
+        losses.append(loss)
         if step >= warmup:
             times.append(start.elapsed_time(end) / 1e3)
     if grads_saved is not None:
         torch.save(grads_saved, cfg["grads_file"])
+    kernels = None
+    if cfg.get("profile") and cuda:
+        kernels = profile_steps(lambda s: one_step(warmup + steps + s), steps=3)
 
     name = torch.cuda.get_device_name() if cuda else "cpu"
     peak = bf16_peak(name)
@@ -264,7 +274,8 @@ def run_config(cfg: dict) -> dict:
                lora_params=sum(p.numel() for p in lora_params),
                device=name, torch=torch.__version__,
                plan=plan.to_dict() if plan is not None else None,
-               offload_stats=offloader.stats() if offloader is not None else None)
+               offload_stats=offloader.stats() if offloader is not None else None,
+               kernels=kernels)
     est = memory.estimate(params, img_tokens, txt_tokens, rank=cfg["rank"],
                           checkpoint_double=model.checkpointed_double,
                           checkpoint_single=model.checkpointed_single,
@@ -273,6 +284,45 @@ def run_config(cfg: dict) -> dict:
     out["predicted_peak_gib"] = est["total"] / 2**30
     out["predicted"] = {k: v / 2**30 for k, v in est.items()}
     return out
+
+
+def profile_steps(step, steps: int = 3, top: int = 30) -> dict:
+    """Where the GPU time of `steps` more steps goes: per-step milliseconds of the top
+    kernels and of kernel families (matmul, attention, fused/elementwise, copy)."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for s in range(steps):
+            step(s)
+        torch.cuda.synchronize()
+    rows = []
+    for e in prof.key_averages():
+        ms = getattr(e, "device_time_total", getattr(e, "cuda_time_total", 0)) / 1e3 / steps
+        if ms > 0 and e.device_type.name == "CUDA":
+            rows.append((e.key, ms, e.count // steps))
+    families = {}
+    for name, ms, _ in rows:
+        families[_kernel_family(name)] = families.get(_kernel_family(name), 0.0) + ms
+    rows.sort(key=lambda r: -r[1])
+    return {"ms_per_step_total": sum(r[1] for r in rows),
+            "families_ms": {k: round(v, 2) for k, v in sorted(families.items(), key=lambda kv: -kv[1])},
+            "top": [{"kernel": n[:120], "ms": round(ms, 3), "calls": c} for n, ms, c in rows[:top]]}
+
+
+def _kernel_family(name: str) -> str:
+    n = name.lower()
+    if "flash" in n or "fmha" in n or "attention" in n:
+        return "attention"
+    if any(k in n for k in ("gemm", "cutlass", "sm90", "nvjet", "xmma", "matmul", "scaled_mm")):
+        return "matmul"
+    if "triton" in n:
+        return "fused (triton)"
+    if "memcpy" in n or "copy" in n or "memset" in n:
+        return "copy"
+    if "reduce" in n or "norm" in n:
+        return "reduction"
+    return "elementwise/other"
 
 
 class _timer:
@@ -309,7 +359,8 @@ def configs_from_args(args) -> list[dict]:
                 out.append(dict(resolution=res, mode=mode, compute=compute, rank=args.rank,
                                 steps=args.steps, warmup=args.warmup, offload=args.offload,
                                 free_gb=args.free_gb, t5_len=args.t5_len,
-                                device=args.device, tiny=args.tiny, compile=args.compile))
+                                device=args.device, tiny=args.tiny, compile=args.compile,
+                                graphs=args.graphs))
     return out
 
 
@@ -358,7 +409,8 @@ def table(results: list[dict]) -> str:
     rows = ["res  mode compute  offload free | s/step   MFU   TFLOP/s | alloc resvd pred GiB | RSS  | grads"]
     for r in results:
         comp = (r["compute"] + ("-fw" if r["compute"] == "fp8" and r.get("fp8_backward") is False
-                                else "") + ("+c" if r.get("compile") else ""))
+                                else "") + ("T" if r.get("fp8_keep_transposed") else "")
+                + ("+c" if r.get("compile") else "") + ("+g" if r.get("graphs") else ""))
         head = (f"{r['resolution']:<4} {r['mode']:<4} {comp:<8} {r.get('offload','none'):<7}"
                 f" {str(r.get('free_gb') or '-'):>4} |")
         if "error" in r:
@@ -396,6 +448,7 @@ def main():
     ap.add_argument("--budget-s", type=float, default=None,
                     help="stop starting new configurations after this many seconds")
     ap.add_argument("--compile", action="store_true", help="torch.compile every block")
+    ap.add_argument("--graphs", action="store_true", help="replay each step as a CUDA graph")
     ap.add_argument("--tiny", action="store_true", help="tiny widths: a CPU smoke test of the harness")
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--configs", type=str, default=None,
@@ -418,7 +471,7 @@ def main():
         cfgs = configs_from_args(args)
     defaults = dict(rank=args.rank, steps=args.steps, warmup=args.warmup, offload=args.offload,
                     free_gb=args.free_gb, t5_len=args.t5_len, device=args.device, tiny=args.tiny,
-                    compile=args.compile)
+                    compile=args.compile, graphs=args.graphs)
     results = []
     began = time.perf_counter()
     for cfg in cfgs:

@@ -272,6 +272,9 @@ class Flux(nn.Module):
         self.final_layer = LastLayer(p.hidden_size, p.out_channels, **kw)
         self.checkpointed_double = 0
         self.checkpointed_single = 0
+        # Recompute replays the random draws of the forward (LoRA dropout). With none to
+        # replay, False keeps the recompute free of RNG bookkeeping (CUDA graphs need that).
+        self.recompute_rng = True
 
     def set_checkpointing(self, n_double: int, n_single: int) -> None:
         """Recompute the first `n_double` double blocks and the first `n_single` single
@@ -311,10 +314,9 @@ class Flux(nn.Module):
         img = x[:, txt.shape[1]:]
         return self.final_layer(img, vec)
 
-    @staticmethod
-    def _run(block: nn.Module, recompute: bool, *args):
+    def _run(self, block: nn.Module, recompute: bool, *args):
         if recompute and torch.is_grad_enabled():
-            return checkpoint(block, *args, use_reentrant=False)
+            return checkpoint(block, *args, use_reentrant=False, preserve_rng_state=self.recompute_rng)
         return block(*args)
 
     def _check_inputs(self, img: Tensor, txt: Tensor, y: Tensor) -> None:

@@ -108,15 +108,23 @@ def linear_fp8(x: torch.Tensor, weight: torch.Tensor, w_scale: torch.Tensor,
     return y.reshape(*x.shape[:-1], weight.shape[0])
 
 
+def column_major(weight: torch.Tensor) -> torch.Tensor:
+    """The same [N, K] matrix stored column-major: the layout `_scaled_mm` wants for
+    its second operand when the contraction runs over N (the input-gradient)."""
+    return weight.t().contiguous().t()
+
+
 def grad_input_fp8(grad_out: torch.Tensor, weight: torch.Tensor, w_scale: torch.Tensor,
-                   out_dtype: torch.dtype, grad_dtype: torch.dtype = E5M2) -> torch.Tensor:
+                   out_dtype: torch.dtype, grad_dtype: torch.dtype = E5M2,
+                   weight_column_major: torch.Tensor | None = None) -> torch.Tensor:
     """grad_out @ (weight * w_scale): the input-gradient of a frozen linear, with
     grad_out quantised per tensor to `grad_dtype` (e5m2 by default: gradients need
     range more than mantissa). The weight is transposed into a column-major
-    operand (one pass over the float8 weight, no bf16 copy)."""
+    operand (one pass over the float8 weight, no bf16 copy) unless a kept copy
+    `weight_column_major` is given."""
     g2, m = _as_2d(grad_out)
     gq, sg = quantize(g2, grad_dtype)
-    w_cm = weight.t().contiguous().t()  # [N, K] column-major
+    w_cm = column_major(weight) if weight_column_major is None else weight_column_major
     dx = torch._scaled_mm(gq, w_cm, scale_a=sg, scale_b=w_scale, out_dtype=out_dtype,
                           use_fast_accum=False)
     if dx.shape[0] != m:
@@ -134,12 +142,14 @@ def fp8_eligible(layer) -> bool:
 
 
 def enable_fp8_compute(model: torch.nn.Module, device=None, enabled: bool = True,
-                       backward: bool = True) -> int:
+                       backward: bool = True, keep_transposed: bool = False) -> int:
     """Route the frozen matmuls of `model` through float8 tensor cores where the
     device supports it. Returns how many layers now compute in float8 (0 when
     disabled or unsupported). Safe to call again to switch off. `backward=False`
     keeps the input-gradient matmul on the bf16-cast path (forward and recompute
-    stay float8)."""
+    stay float8). `keep_transposed` keeps a column-major copy of every resident
+    float8 weight for the input-gradient (one more byte per weight, ~12 GB for
+    Flux) instead of transposing each weight in every backward."""
     from .layers import FrozenLinear
 
     if device is None:
@@ -154,5 +164,7 @@ def enable_fp8_compute(model: torch.nn.Module, device=None, enabled: bool = True
             module.fp8_backward = module.fp8_compute and backward
             module.fp8_weight_scale = (weight_scale_f32(module.weight, module.weight_scale, device)
                                        if module.fp8_compute else None)
+            module.fp8_weight_t = (column_major(module.weight) if module.fp8_backward
+                                   and keep_transposed and module.weight_source is None else None)
             count += module.fp8_compute
     return count

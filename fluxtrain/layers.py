@@ -42,8 +42,8 @@ class _FrozenLinearFn(torch.autograd.Function):
         layer = ctx.layer
         weight, scale = layer.fetch_weight()
         if layer.fp8_backward:
-            return fp8.grad_input_fp8(grad_out, weight, layer.fp8_weight_scale,
-                                      grad_out.dtype), None, None
+            return fp8.grad_input_fp8(grad_out, weight, layer.fp8_weight_scale, grad_out.dtype,
+                                      weight_column_major=layer.fp8_weight_t), None, None
         return grad_out @ materialize_weight(weight, scale, grad_out.dtype), None, None
 
 
@@ -70,6 +70,7 @@ class FrozenLinear(nn.Module):
         self.fp8_compute = False
         self.fp8_backward = False
         self.fp8_weight_scale: torch.Tensor | None = None
+        self.fp8_weight_t: torch.Tensor | None = None   # kept column-major copy (fast mode)
         # Where the weight comes from when it is not resident (fluxtrain.offload).
         self.weight_source = None
 

@@ -112,3 +112,20 @@ def test_enable_sets_only_float8_layers_and_the_setting_turns_it_off(monkeypatch
     assert model[0].fp8_compute and not model[0].fp8_backward
     assert fp8.enable_fp8_compute(model, "cpu", enabled=False) == 0
     assert not any(m.fp8_compute or m.fp8_backward for m in model)
+
+
+def test_kept_transposed_weight_gives_the_same_input_gradient(monkeypatch):
+    monkeypatch.setattr(fp8, "supports_fp8_matmul", lambda d: True)
+    layer = _fp8_layer(scale=0.5)
+    x = torch.randn(16, 64, generator=torch.Generator().manual_seed(4)).bfloat16().requires_grad_()
+    fp8.enable_fp8_compute(layer, "cpu")
+    assert layer.fp8_weight_t is None
+    (dx_transposing,) = torch.autograd.grad(layer(x).sum(), x)
+
+    fp8.enable_fp8_compute(layer, "cpu", keep_transposed=True)
+    kept = layer.fp8_weight_t
+    assert kept.stride() == (1, 48) and torch.equal(kept.float(), layer.weight.float())
+    (dx_kept,) = torch.autograd.grad(layer(x).sum(), x)
+    assert torch.equal(dx_kept, dx_transposing)
+    fp8.enable_fp8_compute(layer, "cpu", enabled=False)
+    assert layer.fp8_weight_t is None

@@ -1,0 +1,135 @@
+"""CUDA graphs for the forward and backward of a training step.
+
+At 512x512 a Flux step is a few thousand small kernels, and the Python that
+launches them (autograd, the compiled blocks' wrappers, FrozenLinear) takes
+longer than the GPU needs to run them. A CUDA graph records the kernels of one
+forward + backward once and then replays them with a single launch.
+
+What a replay needs, and how this module provides it:
+- the same addresses every time: the step's inputs are copied into static
+  tensors captured with the graph, and the LoRA gradients are accumulated in
+  place (the caller zeroes them with `set_to_none=False`, never frees them);
+- the same shapes: one graph per input shape (bucket), captured the first time
+  that shape is seen, all sharing one memory pool;
+- nothing on the host inside the step: no LoRA dropout (its random mask would be
+  frozen into the graph), no offloaded weights (their faults are host decisions).
+
+The optimizer step, gradient clipping and the loss check stay outside the graph,
+exactly as in eager mode, so a graphed run computes the same numbers.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+# Eager runs of a new shape before its capture: the first compiles the blocks (when
+# compiled) and lets cuBLAS / autotuning pick kernels, the second runs them warm.
+WARMUP_RUNS = 2
+
+
+def graph_unavailable_reason(model: torch.nn.Module, device: torch.device,
+                             lora_dropout: float) -> str | None:
+    """Why the step of `model` cannot be captured (None when it can)."""
+    from .layers import FrozenLinear
+
+    if torch.device(device).type != "cuda":
+        return f"CUDA graphs need a CUDA device, this run is on {torch.device(device).type}"
+    if lora_dropout:
+        return "LoRA dropout draws a new random mask every step, which a graph cannot replay"
+    if any(isinstance(m, FrozenLinear) and m.weight_source is not None for m in model.modules()):
+        return "offloaded weights are fetched by host-side decisions that a graph cannot replay"
+    return None
+
+
+class CudaGraphBackend:
+    """torch.cuda graphs: capture on a side stream, replay on the current one."""
+
+    def __init__(self):
+        self.pool = None
+
+    def warm_up(self, fn: Callable[[], object]) -> None:
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            fn()
+        torch.cuda.current_stream().wait_stream(stream)
+
+    def capture(self, fn: Callable[[], torch.Tensor]):
+        # Cached blocks freed by the warm-up can not serve the graph's own pool.
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            out = fn()
+        self.pool = graph.pool()
+        return graph.replay, out
+
+
+class StepGraphs:
+    """Runs `loss = loss_fn(inputs, target); loss.backward()` as CUDA graph replays.
+
+    `params` are the trained parameters; their `.grad` must be zeroed with
+    `set_to_none=False` between optimizer steps so the graph keeps accumulating
+    into the same tensors. (CPU tests swap CudaGraphBackend for a recorder that
+    re-runs the captured function on the static tensors, which is what a replay does.)"""
+
+    def __init__(self, loss_fn: Callable[[dict, torch.Tensor], torch.Tensor],
+                 params: list[torch.Tensor], warmup_runs: int = WARMUP_RUNS):
+        self.loss_fn = loss_fn
+        self.params = list(params)
+        self.backend = CudaGraphBackend()
+        self.warmup_runs = warmup_runs
+        self.graphs: dict[tuple, tuple] = {}   # shape key -> (replay, static inputs, static target, loss)
+
+    def __call__(self, inputs: dict, target: torch.Tensor) -> torch.Tensor:
+        """Forward and backward of one micro-batch; returns the (static) loss tensor:
+        read it before the next call."""
+        key = _shape_key(inputs, target)
+        if key not in self.graphs:
+            self.graphs[key] = self._capture(inputs, target)
+        replay, static_inputs, static_target, loss = self.graphs[key]
+        for name, value in inputs.items():
+            if value is not None:
+                static_inputs[name].copy_(value)
+        static_target.copy_(target)
+        replay()
+        return loss
+
+    def _capture(self, inputs: dict, target: torch.Tensor):
+        # The warm-up runs add to the gradients; keep what earlier micro-batches of
+        # this step accumulated and put it back afterwards.
+        kept = [None if p.grad is None else p.grad.clone() for p in self.params]
+
+        def step():
+            loss = self.loss_fn(inputs, target)
+            loss.backward()
+
+        for _ in range(self.warmup_runs):
+            self.backend.warm_up(step)
+        for p in self.params:
+            if p.grad is None:     # a parameter the loss does not reach still needs a slot
+                p.grad = torch.zeros_like(p)
+
+        static_inputs = {k: (None if v is None else v.clone()) for k, v in inputs.items()}
+        static_target = target.clone()
+
+        def captured():
+            loss = self.loss_fn(static_inputs, static_target)
+            loss.backward()
+            return loss.detach()
+
+        replay, loss = self.backend.capture(captured)
+        with torch.no_grad():
+            for p, saved in zip(self.params, kept):
+                if saved is None:
+                    p.grad.zero_()
+                else:
+                    p.grad.copy_(saved)
+        return replay, static_inputs, static_target, loss
+
+
+def _shape_key(inputs: dict, target: torch.Tensor) -> tuple:
+    return tuple((k, None if v is None else (tuple(v.shape), v.dtype, v.device))
+                 for k, v in sorted(inputs.items())) + ((tuple(target.shape), target.dtype),)

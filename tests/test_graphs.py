@@ -1,0 +1,108 @@
+"""CUDA-graph steps (fluxtrain.graphs): what a replay depends on, checked on a CPU.
+
+A CUDA graph replays the kernels it recorded on the tensors it recorded. The
+recorder below does the same on a CPU: it re-runs the captured function on the
+captured (static) tensors and writes the result into the captured output. So a
+graphed run equals an eager run only if the inputs reach the static tensors,
+the warm-up leaves the gradients alone and they accumulate in place."""
+
+from __future__ import annotations
+
+import torch
+
+from fluxtrain import graphs
+from fluxtrain import train as train_module
+from fluxtrain.flux import Flux
+from fluxtrain.params import TINY
+from fluxtrain.train import TrainConfig, train
+
+
+class ReplayRecorder:
+    captures = 0
+
+    def warm_up(self, fn):
+        fn()
+
+    def capture(self, fn):
+        ReplayRecorder.captures += 1
+        out = fn().clone()       # a real capture records without running; its effects are undone
+
+        def replay():
+            out.copy_(fn())
+        return replay, out
+
+
+def run(tiny_sd, dataset, run_dir, **overrides):
+    model = Flux(TINY)
+    model.load_state_dict(tiny_sd)
+    settings = dict(steps=5, learning_rate=1e-3, rank=4, alpha=4.0, compute_dtype="float32",
+                    checkpoint_every=0, seed=3, grad_accum=2, lr_schedule="cosine")
+    settings.update(overrides)
+    losses = train(model, dataset, TrainConfig(**settings), run_dir, log=lambda _: None).losses
+    lora = {k: v.clone() for k, v in model.state_dict().items() if ".lora." in k}
+    return losses, lora, model
+
+
+def test_graphed_training_equals_eager_training(tiny_sd, make_dataset, tmp_path, monkeypatch):
+    dataset = make_dataset(tmp_path / "data", buckets=((4, 4), (4, 6)), per_bucket=3)
+    eager_losses, eager_lora, _ = run(tiny_sd, dataset, tmp_path / "eager")
+
+    monkeypatch.setattr(graphs, "CudaGraphBackend", ReplayRecorder)
+    monkeypatch.setattr(train_module, "graph_unavailable_reason", lambda *args: None)
+    ReplayRecorder.captures = 0
+    graph_losses, graph_lora, model = run(tiny_sd, dataset, tmp_path / "graphed", cuda_graphs=True)
+
+    assert ReplayRecorder.captures == 2               # one graph per bucket shape
+    assert model.recompute_rng is False
+    assert graph_losses == eager_losses
+    assert graph_lora.keys() == eager_lora.keys()
+    for key in eager_lora:
+        assert torch.equal(graph_lora[key], eager_lora[key]), key
+
+
+def test_graph_keeps_gradients_of_earlier_micro_batches():
+    # Capturing a new shape in the middle of an accumulated step must not lose or double
+    # what the earlier micro-batches added.
+    w = torch.nn.Parameter(torch.ones(3))
+    w.grad = torch.full((3,), 5.0)
+    step = graphs.StepGraphs(lambda inputs, target: (w * inputs["x"]).sum() - target.sum(), [w])
+    step.backend = ReplayRecorder()
+    loss = step({"x": torch.tensor([1.0, 2.0, 3.0])}, torch.zeros(()))
+    assert loss.item() == 6.0
+    assert torch.equal(w.grad, torch.tensor([6.0, 7.0, 8.0]))
+    loss = step({"x": torch.tensor([0.0, 1.0, 0.0])}, torch.ones(()))   # replay: new inputs
+    assert loss.item() == 0.0
+    assert torch.equal(w.grad, torch.tensor([6.0, 8.0, 8.0]))
+
+
+def test_graphs_are_refused_with_the_reason():
+    model = Flux(TINY)
+    assert "CUDA device" in graphs.graph_unavailable_reason(model, torch.device("cpu"), 0.0)
+    assert "dropout" in graphs.graph_unavailable_reason(model, torch.device("cuda"), 0.1)
+    model.img_in.weight_source = object()
+    assert "offloaded" in graphs.graph_unavailable_reason(model, torch.device("cuda"), 0.0)
+
+
+def test_cpu_run_asking_for_graphs_says_why_and_trains_eagerly(tiny_sd, make_dataset, tmp_path):
+    dataset = make_dataset(tmp_path / "data")
+    model = Flux(TINY)
+    model.load_state_dict(tiny_sd)
+    said = []
+    config = TrainConfig(steps=2, rank=4, alpha=4.0, compute_dtype="float32", checkpoint_every=0,
+                         cuda_graphs=True)
+    result = train(model, dataset, config, tmp_path / "run", log=said.append)
+    assert result.steps_done == 2
+    assert any("CUDA graphs off" in line and "CUDA device" in line for line in said)
+    assert model.recompute_rng is True
+
+
+def test_resuming_a_checkpoint_written_before_a_setting_existed(tmp_path):
+    old = TrainConfig().to_dict()
+    del old["cuda_graphs"]
+    train_module._check_resumable(old, TrainConfig())          # the default: accepted
+    try:
+        train_module._check_resumable(old, TrainConfig(cuda_graphs=True))
+    except ValueError as error:
+        assert "cuda_graphs" in str(error)
+    else:
+        raise AssertionError("a changed setting must be refused")
