@@ -41,7 +41,7 @@ noise - latents, l2 loss mean per sample x loss weight, mean (train_network.py:4
 backward (accelerate divides by the accumulation steps, 1), then what train_network.py's
 loop does each step (1445-1475): accelerator.reduce of every LoRA gradient (a clone in a
 single process), clip_grad_norm_(1.0), network.update_grad_norms() / update_norms(),
-optimizer.step(), zero_grad(set_to_none=True), the norms' and loss' .item() for the
+optimizer.step(), lr_scheduler.step(), zero_grad(set_to_none=True), the norms' and loss' .item() for the
 progress bar. --bare-step leaves out the reduce clone, the norm updates and the .item()s.
 
     python benchmarks/peers/kohya_flux.py --resolution 1024 --checkpointing on --out r.json
@@ -312,6 +312,8 @@ def run(args, out: dict) -> dict:
     elif args.adamw == "foreach":
         adam_kwargs["foreach"] = True
     optimizer = torch.optim.AdamW(trainable, lr=KOHYA_ARGS["learning_rate"], **adam_kwargs)
+    # --lr_scheduler constant (train_util.get_scheduler_fix): a LambdaLR stepped every step
+    lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
     settings["optimizer"] = (f"torch.optim.AdamW({args.adamw}); kohya's --optimizer_type AdamW builds "
                              "torch.optim.AdamW(params, lr) with no fused/foreach argument "
                              "(library/train_util.py:5095-5098), i.e. torch's default (foreach on CUDA)")
@@ -397,6 +399,7 @@ def run(args, out: dict) -> dict:
             network.update_grad_norms()
             network.update_norms()
         optimizer.step()
+        lr_scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         if not bare:  # train_network.py:1469-1477, 1511 (progress bar values)
             wn = network.weight_norms()
