@@ -17,15 +17,15 @@ NOT part of this repository: a checkout is found through $KOHYA_SD_SCRIPTS (defa
 <repo>/.peers/sd-scripts, git-ignored) and put on sys.path.
 
 How --fp8_base is reproduced (sd-scripts 48d368f):
-  * flux_train_network.py:103-118  an fp8 checkpoint is loaded as is (no cast);
-  * train_network.py:829-850       fp8_base -> unet_weight_dtype = float8_e4m3fn and
+  * flux_train_network.py:103-124  an fp8 checkpoint is loaded as is (no cast);
+  * train_network.py:829-847       fp8_base -> unet_weight_dtype = float8_e4m3fn and
                                    `unet.to(dtype=float8_e4m3fn)`: EVERY floating parameter,
                                    biases and RMSNorm scales included, becomes float8;
-  * train_network.py:852-854       requires_grad_(False), cast again (cast_unet() is True);
+  * train_network.py:849-851       requires_grad_(False), cast again (cast_unet() is True);
   * train_network.py:880 -> 360    accelerator.prepare(unet): device placement, and (bf16
                                    mixed precision) forward wrapped in autocast(bf16) with
                                    outputs converted to float32;
-  * flux_train_network.py:376-391  the DiT call runs under accelerator.autocast() (bf16):
+  * flux_train_network.py:363-377  the DiT call runs under accelerator.autocast() (bf16):
                                    every nn.Linear gets its float8 weight and bias cast to
                                    bf16 by autocast on each call (the cast copy is what
                                    autograd saves for the input gradient); nothing computes
@@ -36,13 +36,15 @@ How --fp8_base is reproduced (sd-scripts 48d368f):
 The step (timed with CUDA events, as bench_train): noise, shift timestep sampling and the
 noisy input (flux_train_utils.py:486-529), pack + img_ids (flux_utils.py:417-438),
 guidance vector, the requires_grad_ of the inputs under checkpointing
-(flux_train_network.py:346-354), the model call, unpack, raw prediction, target
+(flux_train_network.py:348-356), the model call, unpack, raw prediction, target
 noise - latents, l2 loss mean per sample x loss weight, mean (train_network.py:467-480),
 backward (accelerate divides by the accumulation steps, 1), then what train_network.py's
 loop does each step (1445-1475): accelerator.reduce of every LoRA gradient (a clone in a
 single process), clip_grad_norm_(1.0), network.update_grad_norms() / update_norms(),
-optimizer.step(), lr_scheduler.step(), zero_grad(set_to_none=True), the norms' and loss' .item() for the
-progress bar. --bare-step leaves out the reduce clone, the norm updates and the .item()s.
+optimizer.step(), lr_scheduler.step(), zero_grad(set_to_none=True), the norms' and the
+loss' .item() for the progress bar. update_grad_norms() is not guarded by the GGPO options
+(lora_flux.py:284-302): every step it forms a full [out, in] matrix per LoRA layer (fp16
+autocast). --bare-step leaves out the reduce clone, the norm updates and the .item()s.
 
     python benchmarks/peers/kohya_flux.py --resolution 1024 --checkpointing on --out r.json
     python benchmarks/peers/kohya_flux.py --tiny --resolution 64 --steps 2 --warmup 1 --out t.json
@@ -281,7 +283,7 @@ def run(args, out: dict) -> dict:
     model.load_state_dict(sd, strict=True, assign=True)  # shares our tensors, no copy
     del ours, sd
     gc.collect()
-    # --fp8_base: train_network.py:850, 852-854 (every floating parameter to float8)
+    # --fp8_base: train_network.py:847, 849-851 (every floating parameter to float8)
     model.to(dtype=base_dtype)
     model.requires_grad_(False)
     model.to(dtype=base_dtype)
@@ -294,7 +296,7 @@ def run(args, out: dict) -> dict:
     settings["base_param_dtypes"] = dtypes
     settings["base_bytes_gib"] = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**30
 
-    # ---- LoRA (train_network.py:664-709), checkpointing (:711-723)
+    # ---- LoRA (train_network.py:678-709), checkpointing (:716-727)
     torch.manual_seed(args.seed)
     network = lora_flux.create_network(1.0, args.rank, float(args.rank), None, [None, None], model,
                                        neuron_dropout=None, dropout=None)
@@ -349,7 +351,7 @@ def run(args, out: dict) -> dict:
         return torch.autocast(device.type, dtype=weight_dtype)
 
     def step():
-        # flux_train_network.py:326-391 and flux_train_utils.py:486-529
+        # flux_train_network.py:327-399 and flux_train_utils.py:486-529
         noise = torch.randn_like(latents)
         bsz = latents.shape[0]
         sigmas = torch.randn(bsz, device=device) * KOHYA_ARGS["sigmoid_scale"]
@@ -369,7 +371,7 @@ def run(args, out: dict) -> dict:
         # the cached text-encoder outputs a data loader hands over each step
         l_pooled, t5_out = clip.clone(), t5.clone()
         txt_ids = torch.zeros(bsz, t5_out.shape[1], 3, device=device)
-        if ckpt:  # flux_train_network.py:346-354
+        if ckpt:  # flux_train_network.py:348-356
             noisy.requires_grad_(True)
             for t in (l_pooled, t5_out, txt_ids):
                 t.requires_grad_(True)
