@@ -76,13 +76,14 @@ def comfyui_version(path: Path) -> str:
     except (OSError, IndexError):
         pass
     commit = ""
-    try:
-        commit = subprocess.run(["git", "-C", str(path), "rev-parse", "--short=10", "HEAD"],
-                                capture_output=True, text=True, timeout=10).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        pass
-    if not commit and (path / "COMMIT").is_file():
+    if (path / "COMMIT").is_file():      # a copy without .git (packaging wrote the commit)
         commit = (path / "COMMIT").read_text().strip()[:10]
+    elif (path / ".git").exists():
+        try:
+            commit = subprocess.run(["git", "-C", str(path), "rev-parse", "--short=10", "HEAD"],
+                                    capture_output=True, text=True, timeout=10).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            pass
     return f"{version} {commit or 'unknown commit'}"
 
 
@@ -129,6 +130,9 @@ def import_comfyui(cpu: bool, comfy_kitchen: str = "auto") -> dict:
         sys.path.insert(1, str(ROOT))
     env = {"comfyui_path": str(path), "av_stub": stub_av_if_missing()}
     import comfy.options  # noqa: F401  (args_parsing stays False: defaults)
+    import nodes as comfy_nodes
+    if Path(comfy_nodes.__file__).resolve().parent != path:
+        raise ImportError(f"'nodes' resolved to {comfy_nodes.__file__}, not ComfyUI's nodes.py")
     import comfy.cli_args
     if cpu:
         comfy.cli_args.args.cpu = True
@@ -142,6 +146,11 @@ def import_comfyui(cpu: bool, comfy_kitchen: str = "auto") -> dict:
         env["comfy_kitchen"] = False   # only quantised (mixed-precision) checkpoints need it
     env["version"] = comfyui_version(path)
     return env
+
+
+def comfy_first() -> None:
+    path = str(comfyui_path())
+    sys.path[:] = [path] + [p for p in sys.path if p != path]
 
 
 def tiny_params():
@@ -159,6 +168,8 @@ def load_into_comfyui(params, device, seed: int):
     import torch
     import comfy.sd
     from benchmarks.bench_train import random_fp8_model
+
+    comfy_first()      # bench_train puts this repository first on sys.path
 
     model = random_fp8_model(params, device, seed)
     sd = dict(model.state_dict())          # BFL keys, no prefix
@@ -372,6 +383,15 @@ def main(argv=None) -> int:
         result["ok"] = False
         result["reason"] = f"{type(e).__name__}: {e}"
         result["traceback"] = traceback.format_exc()[-6000:]
+        if "modified by an inplace operation" in str(e) and args.checkpointing == "off":
+            result["reason"] += (" [ComfyUI's Flux adds in place into a block's input (comfy/ldm/flux/"
+                                 "layers.py, SingleStreamBlock 'x += apply_mod(...)' and the double "
+                                 "block's 'img +=' / 'txt +='): without gradient checkpointing "
+                                 "autograd still needs those inputs, so TrainLoraNode with "
+                                 "gradient_checkpointing off cannot train a Flux]")
+        if "no autograd formula" in str(e) and "comfy_kitchen" in str(e):
+            result["reason"] += (" [comfy-kitchen's apply_rope has no backward; --comfy-kitchen off "
+                                 "imports ComfyUI as without that package]")
         print(result["traceback"], file=sys.stderr, flush=True)
     finally:
         result["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB
