@@ -130,12 +130,12 @@ def import_comfyui(cpu: bool, comfy_kitchen: str = "auto") -> dict:
         sys.path.insert(1, str(ROOT))
     env = {"comfyui_path": str(path), "av_stub": stub_av_if_missing()}
     import comfy.options  # noqa: F401  (args_parsing stays False: defaults)
-    import nodes as comfy_nodes
-    if Path(comfy_nodes.__file__).resolve().parent != path:
-        raise ImportError(f"'nodes' resolved to {comfy_nodes.__file__}, not ComfyUI's nodes.py")
     import comfy.cli_args
     if cpu:
         comfy.cli_args.args.cpu = True
+    import nodes as comfy_nodes
+    if Path(comfy_nodes.__file__).resolve().parent != path:
+        raise ImportError(f"'nodes' resolved to {comfy_nodes.__file__}, not ComfyUI's nodes.py")
     import comfy.model_management  # noqa: F401  (reads args at import)
     import comfy.sd  # noqa: F401
     import comfy_extras.nodes_train  # noqa: F401
