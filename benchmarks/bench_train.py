@@ -266,6 +266,7 @@ def run_config(cfg: dict) -> dict:
                mfu=(flops / med / peak) if peak else None, bf16_peak_tflops=(peak or 0) / 1e12,
                peak_vram_allocated_gib=(torch.cuda.max_memory_allocated() if cuda else 0) / 2**30,
                peak_vram_reserved_gib=(torch.cuda.max_memory_reserved() if cuda else 0) / 2**30,
+               vram_reserved_after_gib=(torch.cuda.memory_reserved() if cuda else 0) / 2**30,
                peak_host_rss_gib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
                free_vram_at_start_gib=free_at_start / 2**30,
                ballast_gib=(ballast.numel() / 2**30) if ballast is not None else 0.0,
