@@ -175,6 +175,15 @@ def comfy_tensors(patcher) -> dict:
 
 
 def run(args, result: dict) -> None:
+    """Everything ComfyUI would run as a prompt runs under torch.inference_mode(), as its
+    executor does (execution.py); the Train node leaves it itself."""
+    import torch
+
+    with torch.inference_mode():
+        _run(args, result)
+
+
+def _run(args, result: dict) -> None:
     peer = _peer_module()
     cpu = args.tiny and args.device is None or args.device == "cpu"
     env = peer.import_comfyui(cpu=cpu, comfy_kitchen=args.comfy_kitchen)

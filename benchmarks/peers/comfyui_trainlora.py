@@ -298,12 +298,16 @@ def run(args, result: dict) -> None:
         latent=[1, 16, args.resolution // 8, args.resolution // 8],
         conditioning=f"T5 [1, {args.t5_len}, {params.context_in_dim}] + pooled [1, {params.vec_in_dim}], "
                      "no guidance key (comfy.model_base.Flux default 3.5)",
-        called="comfy_extras.nodes_train.TrainLoraNode.execute (the node's own code); "
+        called="comfy_extras.nodes_train.TrainLoraNode.execute (the node's own code), under "
+               "torch.inference_mode() as ComfyUI's executor runs nodes; "
                "instrumented: _create_optimizer (zero_grad records an event), TrainSampler.sample "
                "(start event)")
 
+    # ComfyUI's executor runs a whole prompt under torch.inference_mode() (execution.py): the
+    # loader, the tensors from upstream nodes and TrainLoraNode (which leaves it itself).
     started = time.monotonic()
-    patcher, keys = load_into_comfyui(params, device, args.seed)
+    with torch.inference_mode():
+        patcher, keys = load_into_comfyui(params, device, args.seed)
     dm = patcher.model.diffusion_model
     dtypes = {}
     for p in dm.parameters():
@@ -316,9 +320,10 @@ def run(args, result: dict) -> None:
 
     g = torch.Generator().manual_seed(args.seed)
     h = args.resolution // 8
-    latent = torch.randn(1, 16, h, h, generator=g)
-    cond = torch.randn(1, args.t5_len, params.context_in_dim, generator=g)
-    pooled = torch.randn(1, params.vec_in_dim, generator=g)
+    with torch.inference_mode():
+        latent = torch.randn(1, 16, h, h, generator=g)
+        cond = torch.randn(1, args.t5_len, params.context_in_dim, generator=g)
+        pooled = torch.randn(1, params.vec_in_dim, generator=g)
 
     clock = StepClock(cuda)
     saved = instrument(nt, clock)
@@ -331,7 +336,8 @@ def run(args, result: dict) -> None:
         torch.cuda.reset_peak_memory_stats()
     try:
         began = time.monotonic()
-        out = nt.TrainLoraNode.execute(**inputs)
+        with torch.inference_mode():
+            out = nt.TrainLoraNode.execute(**inputs)
         wall = time.monotonic() - began
     finally:
         restore(nt, saved)
