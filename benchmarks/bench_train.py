@@ -365,7 +365,42 @@ def configs_from_args(args) -> list[dict]:
     return out
 
 
+PEERS = {"kohya": "kohya_flux.py", "comfyui": "comfyui_trainlora.py"}
+
+
+def run_peer(cfg: dict, timeout: float) -> dict:
+    """A peer trainer's step on the same random weights (benchmarks/peers/), in its own
+    child process; its JSON mapped onto this benchmark's keys. fast = no checkpointing,
+    lean = every block checkpointed, as for our own configurations."""
+    import tempfile
+    out = Path(tempfile.mkdtemp()) / "peer.json"
+    cmd = [sys.executable, str(Path(__file__).parent / "peers" / PEERS[cfg["peer"]]),
+           "--resolution", str(cfg["resolution"]),
+           "--checkpointing", "off" if cfg["mode"] == "fast" else "on",
+           "--steps", str(cfg["steps"]), "--warmup", str(cfg["warmup"]), "--rank", str(cfg["rank"]),
+           "--t5-len", str(cfg["t5_len"]), "--seed", "0", "--device", cfg["device"],
+           "--out", str(out)] + (["--tiny"] if cfg.get("tiny") else [])
+    began = time.perf_counter()
+    try:
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+        detail = (p.stderr or p.stdout).strip().splitlines()[-1:] if p.returncode else []
+    except subprocess.TimeoutExpired:
+        return dict(cfg, error=f"timed out after {timeout:.0f} s")
+    if not out.exists():
+        return dict(cfg, error=f"peer wrote no result (exit {p.returncode}) {detail}"[:400])
+    peer = json.loads(out.read_text())
+    res = dict(cfg, peer_result=peer, wall_s=time.perf_counter() - began, compute=peer.get("peer", cfg["peer"]))
+    if not peer.get("ok"):
+        return dict(res, error="peer cannot run here: " + str(peer.get("reason", "?"))[:300])
+    return dict(res, s_per_step=peer["step_s_median"], step_times=peer.get("step_s"),
+                peak_vram_allocated_gib=peer["peak_alloc_gib"],
+                peak_vram_reserved_gib=peer["peak_reserved_gib"],
+                peak_host_rss_gib=peer["peak_rss_gib"], mfu=None, achieved_tflops=0.0)
+
+
 def run_child(cfg: dict, timeout: float) -> dict:
+    if cfg.get("peer"):
+        return run_peer(cfg, timeout)
     cmd = [sys.executable, __file__, "--child", json.dumps(cfg)]
     began = time.perf_counter()
     try:
@@ -409,6 +444,8 @@ def compare_grads(results: list[dict]) -> None:
 def table(results: list[dict]) -> str:
     rows = ["res  mode compute  offload free | s/step   MFU   TFLOP/s | alloc resvd pred GiB | RSS  | grads"]
     for r in results:
+        if r.get("peer"):
+            r = dict(r, compute=r["peer"], offload="peer")
         comp = (r["compute"] + ("-fw" if r["compute"] == "fp8" and r.get("fp8_backward") is False
                                 else "") + ("T" if r.get("fp8_keep_transposed") else "")
                 + ("+c" if r.get("compile") else "") + ("+g" if r.get("graphs") else ""))
@@ -422,7 +459,24 @@ def table(results: list[dict]) -> str:
                     f" {r['peak_vram_allocated_gib']:5.1f} {r['peak_vram_reserved_gib']:5.1f}"
                     f" {r.get('predicted_peak_gib', 0):5.1f}    |"
                     f" {r['peak_host_rss_gib']:4.1f} | {_grads(r)}")
-    return "\n".join(rows)
+    return "\n".join(rows + peer_ratios(results))
+
+
+def peer_ratios(results: list[dict]) -> list[str]:
+    """Peer step time over ours, same resolution and memory mode (our fastest such run)."""
+    ours: dict[tuple, float] = {}
+    for r in results:
+        if not r.get("peer") and "error" not in r and r.get("offload", "none") == "none" \
+                and r["mode"] in ("fast", "lean"):
+            key = (r["resolution"], r["mode"])
+            ours[key] = min(ours.get(key, float("inf")), r["s_per_step"])
+    rows = []
+    for r in results:
+        key = (r.get("resolution"), r.get("mode"))
+        if r.get("peer") and "error" not in r and key in ours:
+            rows.append(f"{r['peer']} {key[0]} {key[1]}: {r['s_per_step']:.3f} s/step = "
+                        f"{r['s_per_step'] / ours[key]:.2f}x our {ours[key]:.3f}")
+    return rows
 
 
 def _grads(r) -> str:
