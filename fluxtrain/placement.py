@@ -59,6 +59,16 @@ def largest_image_tokens(dataset) -> int:
     return max(h * w // 4 for h, w in (s.bucket for s in dataset.samples))
 
 
+def room_for_transposed_weights(free_bytes: int | None, estimate: dict,
+                                headroom: float = 0.04) -> bool:
+    """Whether a second, column-major copy of the float8 weights (what the float8
+    input-gradient reads; ~12 GB for Flux, 10-14% faster steps) fits beside the
+    step's predicted peak."""
+    if free_bytes is None:
+        return False
+    return estimate["budget_total"] + estimate["all_weights"] <= free_bytes * (1 - headroom)
+
+
 def choose_plan(mode: str, params, free_bytes: int | None, *, img_tokens: int, txt_tokens: int,
                 batch: int, rank: int, fp8_compute: bool, compiled: bool,
                 weight_bytes: float, offload_available: bool = True) -> memory.Plan | None:
@@ -138,8 +148,14 @@ def load_base_for_training(source, config, dataset, device,
         offloader = offload.install(model, device, resident_bytes=resident)
         description += f", weights streamed from host memory ({offloader.backend})"
     if config.fp8_compute:
-        layers = fp8.enable_fp8_compute(model, device)
-        description += f", float8 matmuls in {layers} layers" if layers else ", float8 compute unavailable here"
+        tokens = largest_image_tokens(dataset)
+        keep = not offloading and room_for_transposed_weights(free, memory.estimate(
+            params, tokens, dataset.text_length, config.batch_size, config.rank,
+            checkpoint_double=model.checkpointed_double, checkpoint_single=model.checkpointed_single,
+            weight_bytes=weight_bytes, fp8_compute=True, compiled=config.compile_blocks))
+        layers = fp8.enable_fp8_compute(model, device, keep_transposed=keep)
+        description += (f", float8 matmuls in {layers} layers" + (" (transposed weights kept)" if keep else "")
+                        if layers else ", float8 compute unavailable here")
     if config.compile_blocks and device.type == "cuda":
         from torch import _dynamo    # 57 blocks share one forward: let each keep its compiled graph
         _dynamo.config.cache_size_limit = max(64, _dynamo.config.cache_size_limit)

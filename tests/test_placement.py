@@ -9,8 +9,9 @@ import torch
 from fluxtrain.params import FluxParams
 from fluxtrain.checkpoint import load_state_dict
 from fluxtrain.params import CheckpointError
+from fluxtrain import memory
 from fluxtrain.placement import (BaseTensors, SharedOffloadError, choose_plan,
-                                 load_base_for_training)
+                                 load_base_for_training, room_for_transposed_weights)
 from fluxtrain.synthetic import write_bfl
 from fluxtrain.train import TrainConfig, train
 
@@ -35,6 +36,21 @@ def test_auto_plan_follows_the_free_vram():
     assert small.offload and small.resident_bytes < 12 * 10 ** 9
     for plan in (roomy, tight, small):
         assert plan.predicted_peak <= plan.budget
+
+
+def test_transposed_float8_weights_are_kept_only_where_they_fit():
+    # Measured on an H100 at 1024x1024 (results/2026-11-28-h100-headline.json): no
+    # checkpointing with the copy peaks at 52.5 GiB, so an 80 GB card keeps it, a 48 GB
+    # card does not, nor does a lean run on a 24 GB card; a CPU (no free figure) never does.
+    job = {k: v for k, v in JOB.items() if k != "fp8_compute"}
+    fast = memory.estimate(FULL, job["img_tokens"], job["txt_tokens"], checkpoint_double=0,
+                           checkpoint_single=0, fp8_compute=True, compiled=True)
+    lean = memory.estimate(FULL, job["img_tokens"], job["txt_tokens"], fp8_compute=True, compiled=True)
+    assert room_for_transposed_weights(79 * GIB, fast)
+    assert not room_for_transposed_weights(48 * GIB, fast)
+    assert room_for_transposed_weights(40 * GIB, lean)
+    assert not room_for_transposed_weights(24 * GIB, lean)
+    assert not room_for_transposed_weights(None, fast)
 
 
 def test_offload_mode_offloads_even_when_the_model_would_fit():
