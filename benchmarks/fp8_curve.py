@@ -21,7 +21,9 @@ random float8 Flux (bench_train.random_fp8_model, FluxParams(): 19 + 38 blocks):
            so step 0 is the base), trained with the engine's MicroStep (velocity_loss,
            backward; CUDA graphs with --graphs), clip at 1.0 and the engine's optimizer
            (train._make_optimizer: fused AdamW on CUDA), lr --lr with --warmup steps of
-           linear warm-up (train.learning_rate_at).
+           linear warm-up (train.learning_rate_at). --lr auto (default) = rms(teacher
+           up) / 200: AdamW moves a weight about lr per step, so in 200 steps the
+           student's up can travel about as far as the teacher's is large.
 
 The student can represent the answer exactly (same rank, same layers), so on the
 bf16-cast path the loss can go to zero; a float8 forward has a floor (its quantised
@@ -53,13 +55,23 @@ VERDICT RULE (fixed before any GPU run; K = 2):
   data, the like-for-like comparison with the bf16-bf16 gap) and bf16(0) vs bf16(1);
   the signed mean eval gap fp8 - bf16 (a systematic offset shows here).
   Without float8 compute (a CPU, an old GPU) the "fp8" runs run the bf16-cast path and
-  the verdict says "NOT TESTED: float8 compute was not active" instead.
+  the verdict says "NOT TESTED: float8 compute was not active" instead. If a bf16 run
+  closes less than 20% of its step-0 eval loss (1 - E_final / E_0 < 0.2) the task was
+  not learnt and the verdict says "NO VERDICT" (noise of a flat curve proves nothing).
 
     python benchmarks/fp8_curve.py --steps 200 --resolution 512 \\
         --runs bf16:0 bf16:1 fp8:0 fp8:1 --out result.json --compile
     python benchmarks/fp8_curve.py --tiny --device cpu --out /tmp/fp8_curve_tiny.json
 
-The PNG of the curves goes next to --out (same name, .png).
+Cost on one H100 (estimated from benchmarks/NOTES.md, not yet measured): ~20 s to build
+the model; 800 training steps at 512x512 (0.22-0.30 s compiled, 0.37 bf16 / 0.67 fp8
+eager); 400 teacher forwards and ~330 eval forwards (~1/3 step each); with --compile
+four compiled variants (bf16/fp8 x grad/no-grad). About 6-7 min compiled, ~9 min eager.
+
+The JSON is rewritten after every run (a cut-off invocation keeps its finished runs) and
+a PNG of the curves goes next to it (same name, .png). Runs split over invocations
+(e.g. the bf16 pair, then the fp8 pair with --teacher-rho from the first JSON, so the
+teacher is the same) are judged together with --merge A.json B.json --out C.json.
 """
 
 from __future__ import annotations
@@ -93,10 +105,10 @@ TEACHER_SEED = 777
 DATA_SEED = 4242
 EVAL_SEED = 99_991
 
-# Tiny: the structure of FLUX.1 (both block kinds, guidance embedding) with small widths,
-# so that 4 x 200 steps run in well under a minute on a 2-core CPU.
+# Tiny: the structure of FLUX.1 (both block kinds, guidance embedding) with small widths
+# and one block of each kind, so that 4 x 200 steps run in well under a minute on a CPU.
 TINY = FluxParams(vec_in_dim=128, context_in_dim=256, hidden_size=128, num_heads=2,
-                  depth=2, depth_single_blocks=2, axes_dim=(8, 28, 28))
+                  depth=1, depth_single_blocks=1, axes_dim=(8, 28, 28))
 
 
 # ---------------------------------------------------------------- pieces
@@ -157,6 +169,10 @@ class Teacher:
             self.unit[name] = torch.randn(a.up.shape, generator=g, device=device) * std
         self.rho = 0.0
         self.set(0.0)
+
+    def up_rms(self) -> float:
+        total = sum((a.up.double() ** 2).sum().item() for a in self.adapters.values())
+        return math.sqrt(total / sum(a.up.numel() for a in self.adapters.values()))
 
     def set(self, rho: float) -> None:
         self.rho = rho
@@ -225,18 +241,15 @@ def run_one(model, device, compute: str, seed: int, args, teacher_items, eval_it
     n_fp8 = fp8.enable_fp8_compute(model, device, enabled=compute == "fp8")
     optimizer = _make_optimizer(config, params, device)
     micro = MicroStep(model, params, config, device, log)
-    model.train()
 
     eval_steps, eval_own, snapshots, losses, times = [], [], [], [], []
 
     def evaluate(step):
-        model.eval()
         eval_steps.append(step)
         eval_own.append(eval_loss(model, eval_items, config))
         if n_fp8:
             snapshots.append({n: (a.down.detach().cpu().clone(), a.up.detach().cpu().clone())
                               for n, a in adapters.items()})
-        model.train()
         log(f"  {compute}:{seed} step {step:4d}  eval {eval_own[-1]:.5g}"
             + (f"  train(last {WINDOW}) {statistics.fmean(losses[-WINDOW:]):.5g}" if losses else ""))
 
@@ -248,10 +261,10 @@ def run_one(model, device, compute: str, seed: int, args, teacher_items, eval_it
         lr = learning_rate_at(config, step)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        if micro.graphs is not None:
+        if micro.graphs is not None:   # the engine's CUDA-graph replay of forward + backward
             value = micro.graphs(inputs, target).item()
         else:
-            loss = micro._loss(inputs, target)
+            loss = velocity_loss(model(**inputs), target, config)
             loss.backward()
             value = loss.item()
         if not math.isfinite(value):
@@ -272,7 +285,6 @@ def run_one(model, device, compute: str, seed: int, args, teacher_items, eval_it
     eval_bf16 = None
     if n_fp8:                      # the same LoRAs, measured on the bf16-cast path
         fp8.enable_fp8_compute(model, device, enabled=False)
-        model.eval()
         eval_bf16 = []
         for snap in snapshots:
             with torch.no_grad():
@@ -280,7 +292,6 @@ def run_one(model, device, compute: str, seed: int, args, teacher_items, eval_it
                     a.down.copy_(snap[n][0])
                     a.up.copy_(snap[n][1])
             eval_bf16.append(eval_loss(model, eval_items, config))
-        model.train()
     fp8.enable_fp8_compute(model, device, enabled=False)
     del optimizer, adapters, params, snapshots
     if device.type == "cuda":
@@ -312,6 +323,8 @@ def verdict(results: dict) -> dict:
         out["verdict"] = "INCOMPLETE: needs bf16:0, bf16:1 and at least one fp8 run"
         return out
     inactive = [r["run"] for r in fp8_runs if not r["fp8_active"]]
+    closed = {r["run"]: 1 - r["eval_own"][-1] / r["eval_own"][0] for r in results.values()}
+    out["fraction_closed"] = closed
 
     def stats(r, key):
         curve = r[key]
@@ -354,9 +367,13 @@ def verdict(results: dict) -> dict:
         if other:
             info[f"{r['run']} cross_seed_window_gap"] = mean_abs(r["window_means"], other["window_means"])
     out["reported"] = info
+    flat = [run for run in ("bf16:0", "bf16:1") if closed[run] < 0.2]
     if inactive:
         out["verdict"] = (f"NOT TESTED: float8 compute was not active in {', '.join(inactive)} "
                           "(no float8 tensor cores on this device); those runs used the bf16-cast path")
+    elif flat:
+        out["verdict"] = (f"NO VERDICT: the task was not learnt ({', '.join(flat)} closed "
+                          f"{min(closed[r] for r in flat):.0%} < 20% of the step-0 eval loss)")
     else:
         out["verdict"] = ("curve " + ("PASS" if judged["curve"]["pass"] else "FAIL") + ", lora "
                           + ("PASS" if judged["lora"]["pass"] else "FAIL"))
@@ -376,7 +393,8 @@ def write_chart(path: Path, results: dict, title: str) -> None:
     curves = {}
     for r in runs:   # eval points drawn as a piecewise-linear curve over the steps
         steps = r["eval_steps"]
-        for key, tag in (("eval_own", ""), ("eval_bf16", " on bf16")):
+        off = "" if r["fp8_active"] or r["compute"] == "bf16" else " (fp8 off)"
+        for key, tag in (("eval_own", off), ("eval_bf16", " on bf16")):
             if key == "eval_bf16" and r["compute"] != "fp8":
                 continue
             ys = r[key]
@@ -420,21 +438,33 @@ def main(argv=None):
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
     ap.add_argument("--rank", type=int, default=16)
-    ap.add_argument("--lr", type=float, default=None, help="default 3e-4 (3e-3 with --tiny)")
+    ap.add_argument("--lr", default="auto",
+                    help="learning rate, or auto = rms(teacher up) / 200: AdamW moves each weight "
+                         "about lr per step, so in 200 steps the student's up can travel about as "
+                         "far as the teacher's up is large (tiny: ~2e-3)")
     ap.add_argument("--warmup", type=int, default=10)
     ap.add_argument("--samples", type=int, default=8)
     ap.add_argument("--t5-len", type=int, default=None, help="default 512 (32 with --tiny)")
     ap.add_argument("--teacher-gap", type=float, default=0.2,
                     help="relative mean-square gap teacher vs base the teacher LoRA is scaled to")
+    ap.add_argument("--teacher-rho", type=float, default=None,
+                    help="skip the calibration and use this teacher size (to repeat the teacher of "
+                         "an earlier invocation exactly: its JSON's teacher.rho)")
     ap.add_argument("--eval-every", type=int, default=25)
     ap.add_argument("--eval-items", type=int, default=6)
-    ap.add_argument("--threads", type=int, default=None, help="CPU threads (torch.set_num_threads)")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="CPU threads (default 1 on a CPU: the tiny model's matmuls are too small "
+                         "to share, and spare threads spin when another process holds the cores)")
+    ap.add_argument("--merge", type=Path, nargs="+", default=None,
+                    help="no training: merge the runs of these result files (invocations with the "
+                         "same settings and teacher.rho) into --out with the verdict and chart")
     args = ap.parse_args(argv)
+    if args.merge:
+        return merge(args.merge, args.out)
     args.resolution = args.resolution or (64 if args.tiny else 512)
     args.t5_len = args.t5_len or (32 if args.tiny else 512)
-    args.lr = args.lr or (3e-3 if args.tiny else 3e-4)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    if args.threads or args.device == "cpu":
+        torch.set_num_threads(args.threads or 1)
     runs = parse_runs(args.runs)
     device = torch.device(args.device)
     cuda = device.type == "cuda"
@@ -447,12 +477,15 @@ def main(argv=None):
     params = TINY if args.tiny else FluxParams()
     model = random_fp8_model(params, device, seed=0)
     model.requires_grad_(False)
+    model.train()        # as train() does; LoRA dropout is 0, so evaluation needs no eval()
     if args.lean:
         model.set_checkpointing(params.depth, params.depth_single_blocks)
     log(f"built {'tiny' if args.tiny else 'full-size'} random float8 Flux on {device}")
     if args.compile:
         from torch import _dynamo
-        _dynamo.config.cache_size_limit = max(64, _dynamo.config.cache_size_limit)
+        for key in ("cache_size_limit", "recompile_limit"):
+            if hasattr(_dynamo.config, key):
+                setattr(_dynamo.config, key, max(64, getattr(_dynamo.config, key)))
         for block in (*model.double_blocks, *model.single_blocks):
             block.compile()
     fp8_possible = fp8.supports_fp8_matmul(device)
@@ -468,31 +501,40 @@ def main(argv=None):
         inputs, _ = flow_inputs(data[i % len(data)], config0, g, params.guidance_embed)
         eval_inputs.append(inputs)
 
-    # Teacher, calibrated on the bf16-cast path (fp8 off), then its targets.
+    # Teacher, calibrated on the bf16-cast path (fp8 off), then its targets. The base's
+    # outputs are the teacher's at rho = 0 (up = 0): the same code path, one compiled
+    # variant less.
     fp8.enable_fp8_compute(model, device, enabled=False)
-    model.eval()
-    from fluxtrain.lora import detach_lora
-    detach_lora(model)
-    base_outs = [forward(model, x) for x in eval_inputs]
     lora_config = LoRAConfig(rank=args.rank, alpha=float(args.rank), targets="all")
     teacher = Teacher(model, lora_config, device)
-    calib = calibrate(model, teacher, eval_inputs, base_outs, args.teacher_gap, log)
+    set_slots(model, teacher.adapters)
+    base_outs = [forward(model, x) for x in eval_inputs]
+    if args.teacher_rho is not None:
+        teacher.set(args.teacher_rho)
+        calib = {"rho": args.teacher_rho, "wanted": None, "given": True, "tries": [],
+                 "relative_gap": relative_gap([forward(model, x) for x in eval_inputs], base_outs)}
+    else:
+        calib = calibrate(model, teacher, eval_inputs, base_outs, args.teacher_gap, log)
+    calib["up_rms"] = teacher.up_rms()
     eval_items = [(x, forward(model, x)) for x in eval_inputs]
-    log(f"teacher rho {calib['rho']:.4g}, relative gap {calib['relative_gap']:.4g} "
-        f"(wanted {args.teacher_gap})")
+    calib["base_eval_loss"] = eval_loss(model, [(x, b) for x, b in zip(eval_inputs, base_outs)], config0)
+    args.lr = (min(1e-2, max(1e-5, calib["up_rms"] / 200)) if str(args.lr) == "auto"
+               else float(args.lr))
+    log(f"teacher rho {calib['rho']:.4g}: relative gap {calib['relative_gap']:.4g} (wanted "
+        f"{args.teacher_gap}), up rms {calib['up_rms']:.4g}; learning rate {args.lr:.3g}")
     fp8_floor = None
     if fp8_possible:
         n = fp8.enable_fp8_compute(model, device, enabled=True)
         fp8_floor = {"eval_loss": eval_loss(model, eval_items, config0), "fp8_layers": n}
         fp8.enable_fp8_compute(model, device, enabled=False)
-        log(f"fp8 floor (teacher's own LoRA in float8 vs its bf16 targets): {fp8_floor['eval_loss']:.5g}")
+        log(f"fp8 floor (the teacher's own LoRA in float8 against its bf16 targets): "
+            f"{fp8_floor['eval_loss']:.5g}")
 
     targets: dict[int, list] = {}
 
     def teacher_items(seed):
         if seed not in targets:
             set_slots(model, teacher.adapters)
-            model.eval()
             t0 = time.perf_counter()
             items = []
             for step in range(args.steps):
@@ -502,7 +544,7 @@ def main(argv=None):
             log(f"teacher targets for seed {seed}: {args.steps} forwards in {time.perf_counter() - t0:.1f} s")
         return targets[seed]
 
-    header = {"command": " ".join([Path(sys.executable).name] + sys.argv if argv is None else argv),
+    header = {"command": " ".join([Path(sys.executable).name] + (sys.argv if argv is None else argv)),
               "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
               "device": torch.cuda.get_device_name(device) if cuda else "cpu",
               "torch": torch.__version__, "fp8_supported": fp8_possible,
@@ -510,10 +552,9 @@ def main(argv=None):
               "model": "tiny" if args.tiny else "FluxParams() full size", "teacher": calib,
               "fp8_floor": fp8_floor}
     results: dict[str, dict] = {}
-    doc = {}
+    doc = dict(header, runs=[], summary={})
     for compute, seed in runs:
         items = teacher_items(seed)
-        detach_lora(model)
         log(f"run {compute}:{seed}")
         if cuda:
             torch.cuda.reset_peak_memory_stats()
@@ -526,15 +567,43 @@ def main(argv=None):
         doc = dict(header, elapsed_s=time.perf_counter() - began, runs=list(results.values()),
                    summary=verdict(results))
         _write(args.out, doc)
-    summary = doc.get("summary", {})
-    print(report(results, summary, header))
+    print(report(results, doc["summary"], header))
+    _chart(args.out, results, header, log)
+    return 0
+
+
+def merge(paths: list[Path], out: Path) -> int:
+    """Runs of several invocations (same settings, same teacher) in one verdict."""
+    docs = [json.loads(Path(p).read_text()) for p in paths]
+    rhos = {d["teacher"]["rho"] for d in docs}
+    keys = ("steps", "resolution", "t5_len", "samples", "eval_items", "eval_every", "lr", "rank", "tiny")
+    differ = [k for k in keys if len({json.dumps(d["settings"].get(k)) for d in docs}) > 1]
+    if differ or len(rhos) > 1:
+        raise SystemExit(f"cannot merge: settings differ ({', '.join(differ) or 'teacher rho'}); "
+                         f"rhos {sorted(rhos)}: pass --teacher-rho to repeat a teacher")
+    results = {}
+    for d in docs:
+        for r in d["runs"]:
+            results[r["run"]] = r
+    header = dict(docs[0], merged_from=[str(p) for p in paths],
+                  devices=sorted({d["device"] for d in docs}))
+    header.pop("runs", None)
+    header.pop("summary", None)
+    doc = dict(header, runs=list(results.values()), summary=verdict(results))
+    _write(out, doc)
+    print(report(results, doc["summary"], header))
+    _chart(out, results, header, print)
+    return 0
+
+
+def _chart(out: Path, results: dict, header: dict, log) -> None:
+    s = header["settings"]
     try:
-        write_chart(args.out.with_suffix(".png"), results,
-                    f"{header['device']}, {args.resolution}px, lr {args.lr:g}")
-        log(f"wrote {args.out} and {args.out.with_suffix('.png')}")
+        write_chart(out.with_suffix(".png"), results,
+                    f"{header['device']}, {s['resolution']}px, lr {float(s['lr']):.3g}")
+        log(f"wrote {out} and {out.with_suffix('.png')}")
     except Exception as exc:  # the numbers matter more than the picture
         log(f"chart not written: {exc!r}")
-    return 0
 
 
 def report(results, summary, header) -> str:
@@ -553,6 +622,8 @@ def report(results, summary, header) -> str:
                          f"{'ok' if row['pass'] else 'OVER'}")
     for k, v in summary.get("reported", {}).items():
         lines.append(f"  {k}: {v:.4g}")
+    for k, v in summary.get("fraction_closed", {}).items():
+        lines.append(f"  {k} closed {v:.1%} of the step-0 eval loss")
     lines.append("VERDICT: " + summary.get("verdict", "no runs"))
     return "\n".join(lines)
 
