@@ -293,7 +293,7 @@ def run_one(model, device, compute: str, seed: int, args, teacher_items, eval_it
                     a.up.copy_(snap[n][1])
             eval_bf16.append(eval_loss(model, eval_items, config))
     fp8.enable_fp8_compute(model, device, enabled=False)
-    del optimizer, adapters, params, snapshots
+    snapshots.clear()              # the adapters and optimizer state go when this returns
     if device.type == "cuda":
         torch.cuda.empty_cache()
 
