@@ -22,8 +22,9 @@ random float8 Flux (bench_train.random_fp8_model, FluxParams(): 19 + 38 blocks):
            backward; CUDA graphs with --graphs), clip at 1.0 and the engine's optimizer
            (train._make_optimizer: fused AdamW on CUDA), lr --lr with --warmup steps of
            linear warm-up (train.learning_rate_at). --lr auto (default) = rms(teacher
-           up) / 200: AdamW moves a weight about lr per step, so in 200 steps the
-           student's up can travel about as far as the teacher's is large.
+           up) / 800: AdamW moves a weight about lr per step, so in 200 steps the
+           student's up can travel a quarter of the teacher's size (/ 200, the whole
+           size, diverged at full size: see --lr).
 
 The student can represent the answer exactly (same rank, same layers), so on the
 bf16-cast path the loss can go to zero; a float8 forward has a floor (its quantised
@@ -439,9 +440,11 @@ def main(argv=None):
     ap.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--lr", default="auto",
-                    help="learning rate, or auto = rms(teacher up) / 200: AdamW moves each weight "
-                         "about lr per step, so in 200 steps the student's up can travel about as "
-                         "far as the teacher's up is large (tiny: ~2e-3)")
+                    help="learning rate, or auto = rms(teacher up) / 800. AdamW moves each weight "
+                         "about lr per step, so / 200 would let the student's up travel as far as "
+                         "the teacher's is large in 200 steps, but at full size that (1.2e-3) "
+                         "diverged near step 75 on the bf16 and the float8 path alike "
+                         "(results/2026-11-28-h100-fp8task-diverged.json); / 800 is ~3e-4")
     ap.add_argument("--warmup", type=int, default=10)
     ap.add_argument("--samples", type=int, default=8)
     ap.add_argument("--t5-len", type=int, default=None, help="default 512 (32 with --tiny)")
@@ -518,7 +521,7 @@ def main(argv=None):
     calib["up_rms"] = teacher.up_rms()
     eval_items = [(x, forward(model, x)) for x in eval_inputs]
     calib["base_eval_loss"] = eval_loss(model, [(x, b) for x, b in zip(eval_inputs, base_outs)], config0)
-    args.lr = (min(1e-2, max(1e-5, calib["up_rms"] / 200)) if str(args.lr) == "auto"
+    args.lr = (min(1e-2, max(1e-5, calib["up_rms"] / 800)) if str(args.lr) == "auto"
                else float(args.lr))
     log(f"teacher rho {calib['rho']:.4g}: relative gap {calib['relative_gap']:.4g} (wanted "
         f"{args.teacher_gap}), up rms {calib['up_rms']:.4g}; learning rate {args.lr:.3g}")

@@ -43,6 +43,11 @@ def graph_unavailable_reason(model: torch.nn.Module, device: torch.device,
     return None
 
 
+class GraphCaptureFailed(RuntimeError):
+    """Warm-up or capture of a new shape failed (out of memory, an op that cannot be
+    captured); the gradients are as they were before, so the step can run eagerly."""
+
+
 class CudaGraphBackend:
     """torch.cuda graphs: capture on a side stream, replay on the current one."""
 
@@ -99,9 +104,25 @@ class StepGraphs:
 
     def _capture(self, inputs: dict, target: torch.Tensor):
         # The warm-up runs add to the gradients; keep what earlier micro-batches of
-        # this step accumulated and put it back afterwards.
+        # this step accumulated and put it back afterwards (also when capture fails).
         kept = [None if p.grad is None else p.grad.clone() for p in self.params]
+        try:
+            captured = self._warm_up_and_capture(inputs, target)
+        except Exception as error:
+            self._restore(kept)
+            raise GraphCaptureFailed(f"{type(error).__name__}: {error}"[:300]) from error
+        self._restore(kept)
+        return captured
 
+    def _restore(self, kept: list) -> None:
+        with torch.no_grad():
+            for p, saved in zip(self.params, kept):
+                if saved is not None:
+                    p.grad.copy_(saved)
+                elif p.grad is not None:
+                    p.grad.zero_()
+
+    def _warm_up_and_capture(self, inputs: dict, target: torch.Tensor):
         def step():
             loss = self.loss_fn(inputs, target)
             loss.backward()
@@ -121,12 +142,6 @@ class StepGraphs:
             return loss.detach()
 
         replay, loss = self.backend.capture(captured)
-        with torch.no_grad():
-            for p, saved in zip(self.params, kept):
-                if saved is None:
-                    p.grad.zero_()
-                else:
-                    p.grad.copy_(saved)
         return replay, static_inputs, static_target, loss
 
 

@@ -60,6 +60,32 @@ def test_graphed_training_equals_eager_training(tiny_sd, make_dataset, tmp_path,
         assert torch.equal(graph_lora[key], eager_lora[key]), key
 
 
+class FailingCapture(ReplayRecorder):
+    def capture(self, fn):
+        fn()                      # half-done work that must not reach the gradients
+        raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+
+def test_failed_capture_falls_back_to_eager_with_the_same_result(tiny_sd, make_dataset, tmp_path,
+                                                                 monkeypatch):
+    dataset = make_dataset(tmp_path / "data", buckets=((4, 4), (4, 6)), per_bucket=3)
+    eager_losses, eager_lora, _ = run(tiny_sd, dataset, tmp_path / "eager")
+
+    monkeypatch.setattr(graphs, "CudaGraphBackend", FailingCapture)
+    monkeypatch.setattr(train_module, "graph_unavailable_reason", lambda *args: None)
+    said = []
+    model = Flux(TINY)
+    model.load_state_dict(tiny_sd)
+    config = TrainConfig(steps=5, learning_rate=1e-3, rank=4, alpha=4.0, compute_dtype="float32",
+                         checkpoint_every=0, seed=3, grad_accum=2, lr_schedule="cosine",
+                         cuda_graphs=True)
+    result = train(model, dataset, config, tmp_path / "fallback", log=said.append)
+    assert [line for line in said if "capturing the step failed" in line and "out of memory" in line]
+    assert result.losses == eager_losses
+    for key, value in eager_lora.items():
+        assert torch.equal(model.state_dict()[key], value), key
+
+
 def test_graph_keeps_gradients_of_earlier_micro_batches():
     # Capturing a new shape in the middle of an accumulated step must not lose or double
     # what the earlier micro-batches added.
