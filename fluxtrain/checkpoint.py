@@ -22,6 +22,7 @@ from typing import Iterator, Mapping
 import torch
 from safetensors import SafetensorError, safe_open
 
+from .files import atomic_write_json
 from .params import CheckpointError, FluxParams, expected_shapes
 
 # Prefixes under which all-in-one checkpoints (and some exports) store the transformer.
@@ -517,14 +518,20 @@ def describe_state_dict(sd: Mapping[str, torch.Tensor], name: str,
 _HASH_CACHE: dict[tuple, str] = {}
 
 
-def content_hash(path: str | os.PathLike) -> str:
+def content_hash(path: str | os.PathLike, cache_file: str | os.PathLike | None = None) -> str:
     """sha256 (hex) of the tensor data of a model, headers excluded (like kohya's
     sshs_model_hash), over the shards in order for a diffusers folder. Streams the
-    files; cached in memory per (realpath, size, mtime_ns) of every file."""
+    files (~10 s for 12 GB); the answer is cached per (realpath, size, mtime_ns) of
+    every file, in memory and, when given, in the JSON `cache_file`, so a restarted
+    program does not read the whole base again."""
     files = weight_files(path)
     key = tuple((os.path.realpath(f), st.st_size, st.st_mtime_ns)
                 for f in files for st in [f.stat()])
-    if key not in _HASH_CACHE:
+    if key in _HASH_CACHE:
+        return _HASH_CACHE[key]
+    stored = _read_hash_cache(cache_file)
+    name = json.dumps(key)
+    if name not in stored:
         h = hashlib.sha256()
         for f in files:
             with open(f, "rb") as fh:
@@ -535,5 +542,19 @@ def content_hash(path: str | os.PathLike) -> str:
                 fh.seek(start)
                 while chunk := fh.read(16 << 20):
                     h.update(chunk)
-        _HASH_CACHE[key] = h.hexdigest()
+        stored[name] = h.hexdigest()
+        if cache_file is not None:
+            atomic_write_json(cache_file, stored)
+    _HASH_CACHE[key] = stored[name]
     return _HASH_CACHE[key]
+
+
+def _read_hash_cache(cache_file) -> dict[str, str]:
+    """The stored hashes; an unreadable cache is treated as empty (it is rebuilt)."""
+    if cache_file is None:
+        return {}
+    try:
+        stored = json.loads(Path(cache_file).read_text())
+        return stored if isinstance(stored, dict) else {}
+    except (OSError, ValueError):
+        return {}

@@ -61,8 +61,8 @@ def safe_join(root: str | os.PathLike, relative_name: str, *,
 
 # --------------------------------------------------------------------------- atomic writes
 
-def _fsync_dir(folder: Path) -> None:
-    """Make the rename itself durable (POSIX); Windows cannot open folders."""
+def fsync_folder(folder: Path) -> None:
+    """Make a rename into `folder` durable (POSIX); Windows cannot open folders."""
     try:
         fd = os.open(folder, os.O_RDONLY)
     except OSError:
@@ -93,7 +93,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
         except FileNotFoundError:
             pass
         raise
-    _fsync_dir(path.parent)
+    fsync_folder(path.parent)
     return path
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from .files import atomic_write_json
+from .files import atomic_write_json, fsync_folder
 
 KEEP_CHECKPOINTS = 2
 
@@ -49,10 +49,12 @@ def save_state(run_dir: Path, state: TrainingState) -> Path:
     atomic_write_json(tmp / "state.json", {
         "step": state.step, "optimizer": optim_json, "sampler": state.sampler,
         "config": state.config, "losses": state.losses})
-    _fsync_dir(tmp)
+    _fsync_files(tmp)
+    fsync_folder(tmp)
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
+    fsync_folder(checkpoints)
     atomic_write_json(run_dir / "latest.json", {"checkpoint": final.name, "step": state.step})
     for old in sorted(p for p in checkpoints.glob("step-*") if p.is_dir())[:-KEEP_CHECKPOINTS]:
         shutil.rmtree(old, ignore_errors=True)
@@ -98,7 +100,7 @@ def _join_optimizer_state(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
     return {"state": state, "param_groups": meta["param_groups"]}
 
 
-def _fsync_dir(folder: Path) -> None:
+def _fsync_files(folder: Path) -> None:
     for child in folder.iterdir():
         with open(child, "rb") as f:
             os.fsync(f.fileno())

@@ -28,6 +28,7 @@ RunType = io.Custom("DEV2PRO_RUN")          # what a training run produced (LoRA
 LORA_SUFFIX = ".safetensors"
 RUNS_FOLDER = "dev2pro/runs"          # under ComfyUI's output folder
 DATASETS_FOLDER = "dev2pro/datasets"  # under ComfyUI's output folder
+BASE_HASHES_FILE = "dev2pro/base_hashes.json"  # content hashes of bases, kept across restarts
 
 
 def loras_root() -> Path:
@@ -61,6 +62,10 @@ def lora_file(name: str) -> tuple[Path, str]:
 def run_folder(name: str) -> Path:
     """The run's resumable-state folder, keyed by the run name, under output/dev2pro/runs."""
     return safe_join(output_root() / RUNS_FOLDER, clean_name(name), what="run name")
+
+
+def base_hashes_file() -> Path:
+    return output_root() / BASE_HASHES_FILE
 
 
 def datasets_root() -> Path:

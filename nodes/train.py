@@ -26,8 +26,8 @@ from ..fluxtrain.files import atomic_write_json
 from ..fluxtrain.lora import load_lora_file
 from ..fluxtrain.state import load_latest_state
 from ..fluxtrain.train import TrainConfig, train
-from .common import (CATEGORY, BaseType, DatasetType, RunType, clean_name, forget_lora_list,
-                     lora_file, recipe_metadata, run_folder)
+from .common import (CATEGORY, BaseType, DatasetType, RunType, base_hashes_file, clean_name,
+                     forget_lora_list, lora_file, recipe_metadata, run_folder)
 
 # Inputs of the node that are not TrainConfig fields.
 NODE_INPUTS = ("base", "dataset", "name", "resume")
@@ -137,7 +137,8 @@ class Dev2ProTrainLoRA(io.ComfyNode):
         _check_same_inputs(run_dir, name, base, dataset)
 
         node_id = cls.hidden.unique_id
-        base_hash = content_hash(base["path"]) if base.get("path") else ""   # "" for a MODEL
+        base_hash = (content_hash(base["path"], base_hashes_file())    # "" for a MODEL
+                     if base.get("path") else "")
         metadata = {"name": base["name"], "hash": base_hash,
                     "variant": base["variant"], "dataset": dataset.get("key", ""),
                     **recipe_metadata(cls.hidden.prompt, cls.hidden.extra_pnginfo)}

@@ -302,6 +302,23 @@ def test_content_hash_covers_tensor_data_only_and_is_cached(tmp_path, tiny_sd, m
     assert content_hash(plain) != h and calls  # rewritten file: new size/mtime, hashed again
 
 
+def test_content_hash_is_kept_on_disk_across_restarts(tmp_path, tiny_sd, monkeypatch):
+    model, cache = tmp_path / "a.safetensors", tmp_path / "out" / "base_hashes.json"
+    write_bfl(tiny_sd, model, torch.bfloat16)
+    h = content_hash(model, cache)
+    assert h in json.loads(cache.read_text()).values()
+
+    checkpoint._HASH_CACHE.clear()                     # a restarted program
+    calls = []
+    real = checkpoint.hashlib.sha256
+    monkeypatch.setattr(checkpoint.hashlib, "sha256", lambda: calls.append(1) or real())
+    assert content_hash(model, cache) == h and not calls
+    checkpoint._HASH_CACHE.clear()
+    cache.write_text("{not json")                      # a damaged cache is rebuilt, not fatal
+    assert content_hash(model, cache) == h and calls
+    assert json.loads(cache.read_text())
+
+
 def test_content_hash_of_diffusers_folder_covers_every_shard(tmp_path, tiny_sd):
     folder = write_diffusers(tiny_sd, tmp_path / "model", torch.bfloat16, SMALL_SHARDS)
     h = content_hash(folder.parent)
