@@ -313,12 +313,12 @@ def profile_steps(step, steps: int = 3, top: int = 30) -> dict:
 
 def _kernel_family(name: str) -> str:
     n = name.lower()
+    if "triton" in n:        # before matmul: inductor names kernels after the ops around them
+        return "fused (triton)"
     if "flash" in n or "fmha" in n or "attention" in n:
         return "attention"
     if any(k in n for k in ("gemm", "cutlass", "sm90", "nvjet", "xmma", "matmul", "scaled_mm")):
         return "matmul"
-    if "triton" in n:
-        return "fused (triton)"
     if "memcpy" in n or "copy" in n or "memset" in n:
         return "copy"
     if "reduce" in n or "norm" in n:
@@ -373,22 +373,23 @@ def run_peer(cfg: dict, timeout: float) -> dict:
     child process; its JSON mapped onto this benchmark's keys. fast = no checkpointing,
     lean = every block checkpointed, as for our own configurations."""
     import tempfile
-    out = Path(tempfile.mkdtemp()) / "peer.json"
-    cmd = [sys.executable, str(Path(__file__).parent / "peers" / PEERS[cfg["peer"]]),
-           "--resolution", str(cfg["resolution"]),
-           "--checkpointing", "off" if cfg["mode"] == "fast" else "on",
-           "--steps", str(cfg["steps"]), "--warmup", str(cfg["warmup"]), "--rank", str(cfg["rank"]),
-           "--t5-len", str(cfg["t5_len"]), "--seed", "0", "--device", cfg["device"],
-           "--out", str(out)] + (["--tiny"] if cfg.get("tiny") else [])
-    began = time.perf_counter()
-    try:
-        p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
-        detail = (p.stderr or p.stdout).strip().splitlines()[-1:] if p.returncode else []
-    except subprocess.TimeoutExpired:
-        return dict(cfg, error=f"timed out after {timeout:.0f} s")
-    if not out.exists():
-        return dict(cfg, error=f"peer wrote no result (exit {p.returncode}) {detail}"[:400])
-    peer = json.loads(out.read_text())
+    with tempfile.TemporaryDirectory() as folder:
+        out = Path(folder) / "peer.json"
+        cmd = [sys.executable, str(Path(__file__).parent / "peers" / PEERS[cfg["peer"]]),
+               "--resolution", str(cfg["resolution"]),
+               "--checkpointing", "off" if cfg["mode"] == "fast" else "on",
+               "--steps", str(cfg["steps"]), "--warmup", str(cfg["warmup"]), "--rank", str(cfg["rank"]),
+               "--t5-len", str(cfg["t5_len"]), "--seed", "0", "--device", cfg["device"],
+               "--out", str(out)] + (["--tiny"] if cfg.get("tiny") else [])
+        began = time.perf_counter()
+        try:
+            p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return dict(cfg, error=f"timed out after {timeout:.0f} s")
+        if not out.exists():
+            detail = (p.stderr or p.stdout).strip().splitlines()[-1:]
+            return dict(cfg, error=f"peer wrote no result (exit {p.returncode}) {detail}"[:400])
+        peer = json.loads(out.read_text())
     res = dict(cfg, peer_result=peer, wall_s=time.perf_counter() - began, compute=peer.get("peer", cfg["peer"]))
     if not peer.get("ok"):
         return dict(res, error="peer cannot run here: " + str(peer.get("reason", "?"))[:300])
