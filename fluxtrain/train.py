@@ -82,12 +82,13 @@ class TrainConfig:
                                 "LoRA math stays bf16")
     compile_blocks: bool = setting(False, "torch.compile every transformer block (CUDA; needs Triton): "
                                    "about 1.7x faster steps after a minute or two of compiling")
+    compute_dtype: str = setting("bfloat16", "dtype the frozen base computes in (LoRA weights stay "
+                                 "float32)", choices=("bfloat16", "float16", "float32"))
+    # New settings go last: saved workflows list the Train node's widget values by position.
     cuda_graphs: bool = setting(False, "replay each step's forward and backward as a CUDA graph (CUDA, "
                                 "weights resident, no LoRA dropout): removes the launch overhead that "
                                 "dominates small images; the first step of each image size takes a few "
                                 "seconds longer")
-    compute_dtype: str = setting("bfloat16", "dtype the frozen base computes in (LoRA weights stay "
-                                 "float32)", choices=("bfloat16", "float16", "float32"))
 
     def __post_init__(self):
         for f in fields(self):

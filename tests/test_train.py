@@ -231,3 +231,13 @@ def test_cli_reports_bad_input_without_a_traceback(dataset, tmp_path, capsys):
     argv[argv.index("--dataset") + 1] = str(tmp_path / "no_dataset")
     assert cli.main(argv) == 2
     assert "no_dataset" in capsys.readouterr().err
+
+
+def test_new_settings_come_after_the_ones_saved_workflows_know():
+    # A saved workflow lists the Train node's widget values by position; a setting
+    # inserted in the middle would shift every later value into the wrong widget.
+    from dataclasses import fields
+    from pathlib import Path
+    shipped = json.loads((Path(__file__).parent / "data" / "train_settings_order.json").read_text())
+    names = [f.name for f in fields(TrainConfig)]
+    assert names[:len(shipped["settings"])] == shipped["settings"]
