@@ -4,7 +4,7 @@ Builds FLUX.1-dev's transformer (FluxParams(): 19 double + 38 single blocks, hid
 3072) with random float8_e4m3fn weights generated tensor by tensor on the GPU (no
 host copy of the model), attaches a rank-16 LoRA on the default "all" target set,
 and trains batch 1 with T5 length 512 at each resolution, through the engine's
-own step (fluxtrain.train.compute_loss + backward + clip + optimizer step, exactly
+own step (fluxtrain.train.MicroStep forward + backward, clip, optimizer step, exactly
 as fluxtrain.train.train runs it).
 
 Every configuration runs in a fresh child process, so peak VRAM and peak host

@@ -1,8 +1,9 @@
 """The training loop: LoRA on a frozen Flux, rectified flow, guidance fed 1.0.
 
-`compute_loss` is the step's arithmetic; `train` is the loop around it (sample,
-forward, loss, backward, step, log, checkpoint). The ComfyUI node, the headless
-command and the benchmark all run this same code.
+`MicroStep` is the step's arithmetic (flow inputs, velocity loss, backward; eager
+or a CUDA graph replay); `train` is the loop around it (sample, micro-steps,
+clip, optimizer step, log, checkpoint). The ComfyUI node, the headless command
+and the benchmark all run this same code.
 
 Every random draw of step N (noise, timesteps, caption dropout, LoRA dropout)
 comes from generators seeded with (seed, N). A resumed run therefore needs no
@@ -170,11 +171,6 @@ def velocity_loss(velocity: torch.Tensor, target: torch.Tensor, config: TrainCon
     if config.loss == "huber":
         return F.huber_loss(velocity.float(), target, delta=config.huber_delta)
     return F.mse_loss(velocity.float(), target)
-
-
-def compute_loss(model: Flux, batch: dict, config: TrainConfig, generator: torch.Generator) -> torch.Tensor:
-    inputs, target = flow_inputs(batch, config, generator, model.params.guidance_embed)
-    return velocity_loss(model(**inputs), target, config)
 
 
 class MicroStep:
