@@ -38,6 +38,16 @@ export const CSS = `
 .dev2pro-empty { position: absolute; inset: 0; display: flex; align-items: center; justify-content: center; opacity: 0.6; }
 .dev2pro-compare-caption { opacity: 0.85; min-height: 14px; }
 .dev2pro-caption-line { white-space: nowrap; overflow: hidden; text-overflow: ellipsis; }
+/* ComfyUI's Vue node renderer ("Nodes 2.0", Comfy.VueNodes.Enabled) puts a DOM widget's
+   element in a grid row of the node (.lg-node-widget) sized to its content, instead of an
+   overlay box of the widget's computed height: without a height of their own the chart would
+   take its canvas's default size and the A/B stage (all absolutely placed) would collapse. */
+.lg-node-widget .dev2pro-loss { height: 220px; }
+.lg-node-widget .dev2pro-compare { height: 340px; }
+/* There the node's executed "images" (the grid) show as the Vue node's own .image-preview under
+   the widgets: hidden on the compare node, as the canvas preview is in the classic renderer
+   (same content as the A/B view; the node's menu still opens and saves node.imgs). */
+[data-node-id]:has(.lg-node-widget .dev2pro-compare) .image-preview { display: none; }
 `;
 
 export function injectStyle() {
