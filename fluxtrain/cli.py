@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from dataclasses import MISSING, fields
+from dataclasses import fields
 from pathlib import Path
 
 import torch
@@ -37,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     for f in fields(TrainConfig):
         option = "--" + f.name.replace("_", "-")
-        kind = type(f.default) if f.default is not MISSING else str
+        kind = type(f.default)      # every setting has a default
         help_text = f"{f.metadata['help']} (default {f.default})"
         if kind is bool:
             parser.add_argument(option, type=_parse_bool, default=None, metavar="true|false",

@@ -58,6 +58,10 @@ def _check_sample_tensors(latent, t5, clip, where: str) -> None:
     if latent.shape[1] % 2 or latent.shape[2] % 2:
         raise DatasetError(f"{where}: latent size {latent.shape[1]}x{latent.shape[2]} is not even; "
                            "crop images to a bucket (multiples of 64 pixels) before encoding")
+    _check_text_tensors(t5, clip, where)
+
+
+def _check_text_tensors(t5, clip, where: str) -> None:
     if t5.ndim != 2:
         raise DatasetError(f"{where}: t5 has shape {list(t5.shape)}, expected [length, width] "
                            "(one caption, no batch dimension)")
@@ -109,8 +113,7 @@ class EncodedDatasetWriter:
                 "with the same text encoders and pad T5 to one length")
 
     def set_empty_caption(self, t5: torch.Tensor, clip: torch.Tensor) -> None:
-        latent = torch.zeros(LATENT_CHANNELS, 2, 2)
-        _check_sample_tensors(latent, t5, clip, "empty caption")
+        _check_text_tensors(t5, clip, "empty caption")
         self._check_text(t5, clip, "empty caption")
         atomic_write_safetensors({"t5": t5, "clip": clip}, self.folder / EMPTY_CAPTION_NAME,
                                  metadata={"caption": ""})

@@ -24,6 +24,8 @@ from typing import Callable
 
 import torch
 
+from .layers import FrozenLinear
+
 # Eager runs of a new shape before its capture: the first compiles the blocks (when
 # compiled) and lets cuBLAS / autotuning pick kernels, the second runs them warm.
 WARMUP_RUNS = 2
@@ -32,8 +34,6 @@ WARMUP_RUNS = 2
 def graph_unavailable_reason(model: torch.nn.Module, device: torch.device,
                              lora_dropout: float) -> str | None:
     """Why the step of `model` cannot be captured (None when it can)."""
-    from .layers import FrozenLinear
-
     if torch.device(device).type != "cuda":
         return f"CUDA graphs need a CUDA device, this run is on {torch.device(device).type}"
     if lora_dropout:
@@ -107,12 +107,11 @@ class StepGraphs:
         # this step accumulated and put it back afterwards (also when capture fails).
         kept = [None if p.grad is None else p.grad.clone() for p in self.params]
         try:
-            captured = self._warm_up_and_capture(inputs, target)
+            return self._warm_up_and_capture(inputs, target)
         except Exception as error:
-            self._restore(kept)
             raise GraphCaptureFailed(f"{type(error).__name__}: {error}"[:300]) from error
-        self._restore(kept)
-        return captured
+        finally:
+            self._restore(kept)
 
     def _restore(self, kept: list) -> None:
         with torch.no_grad():

@@ -139,21 +139,21 @@ def scan_image_folder(root: str | Path, trigger_word: str = "", default_repeats:
         raise ImageError(f"default_repeats must be a whole number >= 1, got {default_repeats}")
     scan = FolderScan()
 
-    folders = [(root, int(default_repeats), _name_part(root.name))]
+    folders = [(root, int(default_repeats), _folder_name(root.name)[1])]
     for entry in sorted(root.iterdir()):
         if entry.name.startswith(".") or not entry.is_dir():
             continue
         if not _inside(root, entry.name, scan):
             continue
-        match = _REPEATS_FOLDER.match(entry.name)
-        if match and int(match.group(1)) < 1:
+        repeats, name_part = _folder_name(entry.name)
+        if repeats == 0:
             scan.problems.append(f"{entry.name}/: 0 repeats, so its images are skipped")
             continue
-        if not match:
+        if repeats is None:
             scan.problems.append(f"{entry.name}/: no repeat count in its name (like '10_{entry.name}'); "
                                  f"its images are used {default_repeats} time(s) per epoch")
-        repeats = int(match.group(1)) if match else int(default_repeats)
-        folders.append((entry, repeats, match.group(2) if match else entry.name))
+            repeats = int(default_repeats)
+        folders.append((entry, repeats, name_part))
 
     for folder, repeats, name_part in folders:
         for path in sorted(folder.iterdir()):
@@ -187,9 +187,10 @@ def scan_image_folder(root: str | Path, trigger_word: str = "", default_repeats:
     return scan
 
 
-def _name_part(name: str) -> str:
+def _folder_name(name: str) -> tuple[int | None, str]:
+    """(repeats, name part) of a '<repeats>_<name>' folder; (None, name) for any other name."""
     match = _REPEATS_FOLDER.match(name)
-    return match.group(2) if match else name
+    return (int(match.group(1)), match.group(2)) if match else (None, name)
 
 
 def _inside(root: Path, relative: str, scan: FolderScan) -> bool:

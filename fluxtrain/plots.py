@@ -211,10 +211,11 @@ def loss_chart(curves: dict[str, list[float]], smoothing: float = 0.9, title: st
     if title.strip():
         draw.text(((width - f.getlength(title)) / 2, 6), title, fill=INK, font=f)
 
+    smoothed = {name: smooth(values, smoothing) for name, values in curves.items()}
     for n, (name, values) in enumerate(curves.items()):
         color = COLORS[n % len(COLORS)]
         faint = tuple(int(c + (255 - c) * 0.65) for c in color)
-        for series, stroke, col in ((values, 1, faint), (smooth(values, smoothing), 3, color)):
+        for series, stroke, col in ((values, 1, faint), (smoothed[name], 3, color)):
             points = [(x_of(s + 1), y_of(float(v))) for s, v in enumerate(series)]
             if len(points) == 1:
                 x, y = points[0]
@@ -222,7 +223,7 @@ def loss_chart(curves: dict[str, list[float]], smoothing: float = 0.9, title: st
             else:
                 draw.line(points, fill=col, width=stroke, joint="curve")
 
-    labels = [f"{name} (last {_format(smooth(v, smoothing)[-1])})" for name, v in curves.items()]
+    labels = [f"{name} (last {_format(series[-1])})" for name, series in smoothed.items()]
     x = right - 16 - 32 - max(f.getlength(label) for label in labels)
     draw.rectangle([x - 8, top + 6, right - 8, top + 14 + len(labels) * (line + 4)],
                    fill=BACKGROUND, outline=GRID)

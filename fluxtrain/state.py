@@ -15,9 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
-from .files import atomic_write_json, fsync_folder
+from .files import atomic_write_json, atomic_write_safetensors, fsync_folder
 
 KEEP_CHECKPOINTS = 2
 
@@ -42,15 +42,13 @@ def save_state(run_dir: Path, state: TrainingState) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
 
+    # Each write is fsynced with its folder, so the folder is durable before the rename.
     optim_tensors, optim_json = _split_optimizer_state(state.optimizer)
-    save_file({k: v.detach().contiguous().cpu() for k, v in state.lora.items()},
-              str(tmp / "lora.safetensors"))
-    save_file(optim_tensors, str(tmp / "optimizer.safetensors"))
+    atomic_write_safetensors(state.lora, tmp / "lora.safetensors")
+    atomic_write_safetensors(optim_tensors, tmp / "optimizer.safetensors")
     atomic_write_json(tmp / "state.json", {
         "step": state.step, "optimizer": optim_json, "sampler": state.sampler,
         "config": state.config, "losses": state.losses})
-    _fsync_files(tmp)
-    fsync_folder(tmp)
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
@@ -86,7 +84,7 @@ def _split_optimizer_state(sd: dict) -> tuple[dict[str, torch.Tensor], dict]:
         for name, value in slots.items():
             key = f"{index}.{name}"
             if torch.is_tensor(value):
-                tensors[key] = value.detach().contiguous().cpu()
+                tensors[key] = value
             else:
                 scalars[key] = value
     return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
@@ -98,9 +96,3 @@ def _join_optimizer_state(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
         index, name = key.split(".", 1)
         state.setdefault(int(index), {})[name] = value
     return {"state": state, "param_groups": meta["param_groups"]}
-
-
-def _fsync_files(folder: Path) -> None:
-    for child in folder.iterdir():
-        with open(child, "rb") as f:
-            os.fsync(f.fileno())

@@ -109,7 +109,8 @@ class TrainConfig:
     def from_dict(cls, d: dict) -> "TrainConfig":
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(d) - known)
-        _require(not unknown, f"unknown training settings {unknown}; known: {sorted(known)}")
+        if unknown:
+            raise ValueError(f"unknown training settings {unknown}; known: {sorted(known)}")
         return cls(**d)
 
 
@@ -210,9 +211,10 @@ class MicroStep:
         return loss.item()
 
     def zero_grad(self) -> None:
-        # A graph accumulates into the same gradient tensors every replay.
+        # A captured graph accumulates into the same gradient tensors every replay.
+        in_place = self.graphs is not None and bool(self.graphs.graphs)
         for p in self.params:
-            if self.graphs is None or not self.graphs.graphs:
+            if not in_place:
                 p.grad = None
             elif p.grad is not None:
                 p.grad.zero_()
@@ -233,7 +235,7 @@ def train(model: Flux, dataset: EncodedDataset, config: TrainConfig, run_dir: Pa
     a checkpoint of the same settings. Writes the LoRA file to `lora_path` when done."""
     run_dir = Path(run_dir)
     device = next(model.parameters()).device
-    if config.guidance is not None and not model.params.guidance_embed:
+    if not model.params.guidance_embed:
         raise ValueError("this base model has no guidance embedding (schnell?): guidance "
                          "training needs FLUX.1-dev or Flux-Dev2Pro")
     model.requires_grad_(False)
@@ -346,8 +348,3 @@ def _check_resumable(saved: dict, config: TrainConfig) -> None:
 
 def _chunks(items: list, size: int):
     return [items[i:i + size] for i in range(0, len(items), size)]
-
-
-def _require(condition: bool, message: str) -> None:
-    if not condition:
-        raise ValueError(message)

@@ -106,7 +106,10 @@ def test_ticks_are_round_and_cover_the_range():
 def test_single_step_and_flat_curves_draw():
     chart = loss_chart({"one": [0.5]})
     assert len(colour_pixels(chart, COLORS[0])[0]) > 20
-    loss_chart({"flat": [0.3] * 10})
+    flat = loss_chart({"flat": [0.3] * 10})
+    ys, _ = colour_pixels(flat, COLORS[0])
+    level = np.median(ys)                    # a flat loss: one level line across the middle
+    assert (abs(ys - level) <= 2).mean() > 0.9 and abs(level - flat.height / 2) < 40
 
 
 @pytest.mark.parametrize("curves, message", [

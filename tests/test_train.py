@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 
 import pytest
 import torch
@@ -15,6 +16,7 @@ from fluxtrain.params import TINY
 from fluxtrain.synthetic import write_bfl
 from fluxtrain.train import (TrainConfig, TrainingDiverged, flow_inputs, learning_rate_at, train,
                              velocity_loss)
+
 
 def tiny_model(tiny_sd) -> Flux:
     model = Flux(TINY)
@@ -101,6 +103,16 @@ def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_checkpoint(tiny_
               log=lambda _: None)
     latest = json.loads((tmp_path / "run" / "latest.json").read_text())
     assert latest["step"] == 2
+
+
+def test_checkpoints_keep_the_two_newest_and_a_broken_pointer_is_named(tiny_sd, dataset, tmp_path):
+    run_dir = tmp_path / "run"
+    run_losses(tiny_sd, dataset, run_dir, cpu_config(steps=4, checkpoint_every=1))
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step-000003", "step-000004"]
+    assert json.loads((run_dir / "latest.json").read_text()) == {"checkpoint": "step-000004", "step": 4}
+    shutil.rmtree(run_dir / "checkpoints" / "step-000004")
+    with pytest.raises(FileNotFoundError, match="latest.json points at step-000004"):
+        run_losses(tiny_sd, dataset, run_dir, cpu_config(steps=4, checkpoint_every=1))
 
 
 def test_lora_recovers_a_known_low_rank_delta(tiny_sd, dataset):
