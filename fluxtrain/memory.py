@@ -62,6 +62,8 @@ def activation_units(compiled: bool, fp8_compute: bool, tokens: int) -> tuple[fl
             f = (tokens - t0) / (t1 - t0)
             return tuple(a + f * (b - a) for a, b in zip(u0, u1))
     return table[-1][1]
+
+
 # Lean mode beyond the saved block inputs: one block recomputed with its gradients in
 # flight (measured: 90 rows per token in all, 57 of them the saved inputs).
 TRANSIENT_UNITS = 33.0
@@ -69,6 +71,8 @@ TRANSIENT_UNITS = 33.0
 # cuBLAS / attention workspaces; applied to the budget check, not the prediction.
 FRAGMENTATION = 0.06
 FIXED_WORKSPACE = 0.5 * 2**30
+# Share of the free VRAM a plan leaves for the process's other allocations.
+HEADROOM = 0.04
 # Offload: device buffers for weights in flight (the layer in use + prefetched ones).
 OFFLOAD_BUFFERS = 4
 
@@ -150,12 +154,11 @@ def estimate(p: FluxParams, img_tokens: int, txt_tokens: int, batch: int = 1, ra
     that with allocator slack and workspace, as checked against free VRAM.
     Checkpoint counts default to all blocks; resident_bytes None = every weight
     resident (no offload)."""
-    double_units, single_units = activation_units(compiled, fp8_compute,
-                                                  img_tokens + txt_tokens)
+    tokens = img_tokens + txt_tokens
+    double_units, single_units = activation_units(compiled, fp8_compute, tokens)
     cd = p.depth if checkpoint_double is None else checkpoint_double
     cs = p.depth_single_blocks if checkpoint_single is None else checkpoint_single
     row = p.hidden_size * 2 * batch            # one token of hidden state, bf16
-    tokens = img_tokens + txt_tokens
     wd, ws = block_weight_bytes(p, weight_bytes)
     all_weights = p.depth * wd + p.depth_single_blocks * ws + edge_weight_bytes(p, weight_bytes)
     largest = largest_layer_bytes(p, weight_bytes)
@@ -181,30 +184,27 @@ def estimate(p: FluxParams, img_tokens: int, txt_tokens: int, batch: int = 1, ra
 
 def plan(free_bytes: int, p: FluxParams, img_tokens: int, txt_tokens: int = 512, batch: int = 1,
          rank: int = 16, fp8_compute: bool = False, offload_available: bool = True,
-         weight_bytes: float = 1.0, headroom: float = 0.04, compiled: bool = False) -> Plan:
+         weight_bytes: float = 1.0, headroom: float = HEADROOM, compiled: bool = False) -> Plan:
     """The fastest configuration whose predicted peak fits `free_bytes` (less `headroom`,
     a share kept free for other allocations of the process)."""
     budget = int(free_bytes * (1 - headroom))
     kw = dict(img_tokens=img_tokens, txt_tokens=txt_tokens, batch=batch, rank=rank,
               weight_bytes=weight_bytes, fp8_compute=fp8_compute, compiled=compiled)
 
-    # 1. Everything resident: un-checkpoint as many blocks as fit, single blocks last
-    #    first (cheapest per block), then double blocks.
-    best = None
+    # 1. Everything resident: un-checkpoint as many blocks as fit, single blocks first
+    #    (cheapest per block), then double blocks.
+    def fits(cd: int, cs: int) -> bool:
+        return estimate(p, checkpoint_double=cd, checkpoint_single=cs, **kw)["budget_total"] <= budget
+
     nd, ns = p.depth, p.depth_single_blocks
-    if estimate(p, checkpoint_double=nd, checkpoint_single=ns, **kw)["budget_total"] <= budget:
-        best = (nd, ns)
-        for cs in range(ns, -1, -1):          # fewer checkpointed single blocks
-            if estimate(p, checkpoint_double=nd, checkpoint_single=cs, **kw)["budget_total"] > budget:
-                break
-            best = (nd, cs)
-        if best[1] == 0:
-            for cd in range(nd, -1, -1):
-                if estimate(p, checkpoint_double=cd, checkpoint_single=0, **kw)["budget_total"] > budget:
-                    break
-                best = (cd, 0)
-        e = estimate(p, checkpoint_double=best[0], checkpoint_single=best[1], **kw)
-        return Plan(best[0], best[1], False, int(e["all_weights"]), int(e["total"]), budget, e)
+    if fits(nd, ns):
+        cd, cs = nd, ns
+        while cs > 0 and fits(cd, cs - 1):    # fewer checkpointed single blocks
+            cs -= 1
+        while cs == 0 and cd > 0 and fits(cd - 1, 0):
+            cd -= 1
+        e = estimate(p, checkpoint_double=cd, checkpoint_single=cs, **kw)
+        return Plan(cd, cs, False, int(e["all_weights"]), int(e["total"]), budget, e)
 
     # 2. Offload: every block checkpointed, as many weights resident as fit.
     if not offload_available:

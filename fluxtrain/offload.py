@@ -263,9 +263,7 @@ def install(model: nn.Module, device, prefer: str = "aimdo", resident_bytes: int
         _say_fallback(reason)
     off = Offloader(device, backend, prefetch_depth)
     targets = offload_targets(model)
-    target_weights = set()
-    for name, layer in targets:
-        target_weights.add(id(layer.weight))
+    target_weights = {id(layer.weight) for _, layer in targets}
     # Everything that is not an offloaded weight goes to the device.
     for module in model.modules():
         for pname, p in list(module._parameters.items()):
@@ -288,9 +286,9 @@ def install(model: nn.Module, device, prefer: str = "aimdo", resident_bytes: int
         layer.weight.data = host
         layer.weight_source = off
         off.entries[id(layer)] = e
+    total = sum(e.nbytes for e in off.entries.values())
     if backend == "aimdo":
         from comfy_aimdo import model_vbar
-        total = sum(e.nbytes for e in off.entries.values())
         off.vbar = model_vbar.ModelVBAR(total + (64 << 20), device.index or 0)
         for e in off.entries.values():
             e.alloc = off.vbar.alloc(e.nbytes)
@@ -301,14 +299,6 @@ def install(model: nn.Module, device, prefer: str = "aimdo", resident_bytes: int
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     log.info("fluxtrain offload: %d layers, %.1f GiB in host memory, backend %s", len(targets),
-             sum(e.nbytes for e in off.entries.values()) / 2**30, backend)
+             total / 2**30, backend)
     return off
 
-
-def uninstall(model: nn.Module, off: Offloader) -> None:
-    """Bring every offloaded weight back to the device and drop the weight source."""
-    for name, layer in offload_targets(model):
-        if layer.weight_source is off:
-            layer.weight.data = layer.weight.data.to(off.device)
-            layer.weight_source = None
-    off.close()

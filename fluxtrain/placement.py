@@ -60,7 +60,7 @@ def largest_image_tokens(dataset) -> int:
 
 
 def room_for_transposed_weights(free_bytes: int | None, estimate: dict,
-                                headroom: float = 0.04) -> bool:
+                                headroom: float = memory.HEADROOM) -> bool:
     """Whether a second, column-major copy of the float8 weights (what the float8
     input-gradient reads; ~12 GB for Flux, 10-14% faster steps) fits beside the
     step's predicted peak."""
@@ -105,10 +105,11 @@ def load_base_for_training(source, config, dataset, device,
         free += sum(t.numel() * t.element_size() for t in source.state_dict.values()
                     if _on(t, device))
     weight_bytes = torch.empty((), dtype=info.dtype).element_size()
+    tokens = largest_image_tokens(dataset)
     if shared and config.memory == "offload":
         raise SharedOffloadError(_no_shared_offload(source.name, "memory 'offload' was chosen"))
     try:
-        plan = choose_plan(config.memory, params, free, img_tokens=largest_image_tokens(dataset),
+        plan = choose_plan(config.memory, params, free, img_tokens=tokens,
                            txt_tokens=dataset.text_length, batch=config.batch_size,
                            rank=config.rank, fp8_compute=config.fp8_compute,
                            compiled=config.compile_blocks, weight_bytes=weight_bytes,
@@ -148,7 +149,6 @@ def load_base_for_training(source, config, dataset, device,
         offloader = offload.install(model, device, resident_bytes=resident)
         description += f", weights streamed from host memory ({offloader.backend})"
     if config.fp8_compute:
-        tokens = largest_image_tokens(dataset)
         keep = not offloading and room_for_transposed_weights(free, memory.estimate(
             params, tokens, dataset.text_length, config.batch_size, config.rank,
             checkpoint_double=model.checkpointed_double, checkpoint_single=model.checkpointed_single,

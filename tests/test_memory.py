@@ -90,6 +90,8 @@ def test_less_vram_means_more_checkpointing_then_offload():
     assert 0 < checkpointed[2] < FLUX.depth + FLUX.depth_single_blocks  # partial in between
     for p in plans:
         assert p.predicted_peak <= p.budget
+        # single blocks (cheaper to keep) are un-checkpointed before any double block
+        assert p.checkpoint_single == 0 or p.checkpoint_double == FLUX.depth
     # offloading keeps whatever weights fit, more with more memory
     assert memory.plan(12 * GB, FLUX, tokens).resident_bytes > plans[-1].resident_bytes > 0
 

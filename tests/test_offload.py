@@ -11,7 +11,6 @@ import torch
 
 from fluxtrain import offload
 from fluxtrain.flux import Flux, pack_latents, text_ids
-from fluxtrain.layers import FrozenLinear
 from fluxtrain.lora import LoRAConfig, attach_lora
 from fluxtrain.params import TINY
 
@@ -58,12 +57,11 @@ def test_no_cuda_means_pinned_fallback_said_once(model_and_inputs, caplog, monke
     assert "no CUDA" in offload._aimdo_state["reason"]
     model, _ = model_and_inputs
     with caplog.at_level(logging.WARNING, logger="fluxtrain.offload"):
-        offload._say_fallback(offload._aimdo_state["reason"])
         off = offload.install(model, "cpu")
         offload.install(copy.deepcopy(model), "cpu")
     assert off.backend == "pinned"
     said = [r for r in caplog.records if "pinned host memory" in r.getMessage()]
-    assert len(said) == 1, "the fallback must be announced exactly once"
+    assert len(said) == 1, "install must announce the fallback, and exactly once"
 
 
 def test_failed_init_device_is_the_test_of_usability(monkeypatch):
@@ -141,4 +139,4 @@ def test_prefetch_order_is_learnt_from_the_previous_step(model_and_inputs):
     layers = {id(m): m for _, m in offload.offload_targets(model)}
     # forward order starts with the first double block's layers, backward ends with them
     assert layers[first[0]] is model.double_blocks[0].img_mod.lin
-    assert isinstance(layers[first[-1]], FrozenLinear)
+    assert any(layers[first[-1]] is m for m in model.double_blocks[0].modules())

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 
-from fluxtrain.params import FluxParams
-from fluxtrain.checkpoint import load_state_dict
-from fluxtrain.params import CheckpointError
 from fluxtrain import memory
+from fluxtrain.checkpoint import load_state_dict
+from fluxtrain.params import CheckpointError, FluxParams
 from fluxtrain.placement import (BaseTensors, SharedOffloadError, choose_plan,
                                  load_base_for_training, room_for_transposed_weights)
 from fluxtrain.synthetic import write_bfl
