@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -102,6 +101,16 @@ def model_flops(p, img_tokens: int, txt_tokens: int, rank: int, lora_layers: set
 
 # ---------------------------------------------------------------- one configuration (child)
 
+def bench_params(tiny: bool = False):
+    """FLUX.1-dev's shapes, or (tiny) the same structure and input widths with a tiny
+    hidden size and 2 + 2 blocks: a CPU smoke test of a harness (also the kohya peer's)."""
+    from fluxtrain.params import FluxParams
+    if tiny:
+        return FluxParams(vec_in_dim=768, context_in_dim=4096, hidden_size=256, num_heads=2,
+                          depth=2, depth_single_blocks=2)
+    return FluxParams()
+
+
 def random_fp8_model(params, device, seed: int = 0, host: bool = False):
     """Flux with random float8_e4m3fn weights drawn on the GPU one tensor at a time
     (same scaling as fluxtrain.synthetic: N(0, (0.5/sqrt(fan_in))^2), biases 0.02,
@@ -138,7 +147,6 @@ def run_config(cfg: dict) -> dict:
     import torch
     from fluxtrain import fp8, memory
     from fluxtrain.lora import attach_lora
-    from fluxtrain.params import FluxParams
     from fluxtrain.train import MicroStep, TrainConfig, _make_optimizer, step_generator
 
     device = torch.device(cfg.get("device", "cuda"))
@@ -152,19 +160,19 @@ def run_config(cfg: dict) -> dict:
             ballast = torch.empty(free - keep, dtype=torch.uint8, device=device)
     free_at_start = torch.cuda.mem_get_info()[0] if cuda else 80 * 2**30
 
-    params = FluxParams()
-    if cfg.get("tiny"):  # smoke test of the harness on a CPU: same structure, tiny widths
-        params = FluxParams(vec_in_dim=768, context_in_dim=4096, hidden_size=256, num_heads=2,
-                            depth=2, depth_single_blocks=2)
+    params = bench_params(bool(cfg.get("tiny")))
     res = cfg["resolution"]
     img_tokens = (res // 16) ** 2
     txt_tokens = cfg.get("t5_len", 512)
     mode = cfg["mode"]
-    plan = None
-    if mode == "auto":
-        plan = memory.plan(free_at_start, params, img_tokens=img_tokens, txt_tokens=txt_tokens,
+
+    def planned():
+        return memory.plan(free_at_start, params, img_tokens=img_tokens, txt_tokens=txt_tokens,
                            batch=1, rank=cfg["rank"], fp8_compute=cfg["compute"] == "fp8",
                            offload_available=True, compiled=bool(cfg.get("compile")))
+    plan = None
+    if mode == "auto":
+        plan = planned()
         if plan.offload and offload_kind == "none":
             offload_kind = "aimdo"
     host = offload_kind != "none"
@@ -196,11 +204,7 @@ def run_config(cfg: dict) -> dict:
         if cfg.get("resident_gb") is not None:
             resident = int(cfg["resident_gb"] * 1e9)
         else:  # what the planner would keep resident with this much free VRAM
-            resident = (plan or memory.plan(free_at_start, params, img_tokens=img_tokens,
-                                            txt_tokens=txt_tokens, rank=cfg["rank"],
-                                            fp8_compute=cfg["compute"] == "fp8",
-                                            offload_available=True,
-                                            compiled=bool(cfg.get("compile")))).resident_bytes
+            resident = (plan or planned()).resident_bytes
         offloader = offload.install(model, device, prefer=offload_kind, resident_bytes=resident)
     if cfg.get("compile"):
         import torch._dynamo
@@ -241,7 +245,7 @@ def run_config(cfg: dict) -> dict:
         return loss
 
     for step in range(warmup + steps):
-        start, end = _timer(cuda), _timer(cuda)
+        start, end = StepTimer(cuda), StepTimer(cuda)
         start.record()
         loss = one_step(step)
         end.record()
@@ -326,7 +330,7 @@ def _kernel_family(name: str) -> str:
     return "elementwise/other"
 
 
-class _timer:
+class StepTimer:
     """CUDA event, or a host clock on a CPU (smoke tests of the harness)."""
 
     def __init__(self, cuda: bool):
@@ -549,15 +553,13 @@ def main():
 
 
 def _write(path: Path, args, results):
-    path.parent.mkdir(parents=True, exist_ok=True)
+    from fluxtrain.files import atomic_write_bytes
     doc = {"command": " ".join([Path(sys.executable).name] + sys.argv),
            "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
            "flop_count": "exact matmul count, model FLOPs only (no recompute): frozen linear "
                          "2MKN fwd + 2MKN input-grad; LoRA 6Mr(K+N); attention 4T^2D fwd + 8T^2D bwd",
            "results": results}
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(doc, indent=1))
-    os.replace(tmp, path)
+    atomic_write_bytes(path, json.dumps(doc, indent=1).encode())
 
 
 if __name__ == "__main__":

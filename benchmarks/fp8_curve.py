@@ -80,7 +80,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import statistics
 import sys
 import time
@@ -94,6 +93,7 @@ import torch  # noqa: E402
 
 from bench_train import random_fp8_model  # noqa: E402
 from fluxtrain import fp8  # noqa: E402
+from fluxtrain.files import atomic_write_bytes  # noqa: E402
 from fluxtrain.flux import Flux  # noqa: E402
 from fluxtrain.lora import LoRAConfig, attach_lora  # noqa: E402
 from fluxtrain.params import FluxParams  # noqa: E402
@@ -632,10 +632,7 @@ def report(results, summary, header) -> str:
 
 
 def _write(path: Path, doc: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(doc, indent=1))
-    os.replace(tmp, path)
+    atomic_write_bytes(path, json.dumps(doc, indent=1).encode())
 
 
 if __name__ == "__main__":

@@ -42,6 +42,7 @@ On any failure the JSON still gets written, with ok false and the reason.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import resource
@@ -109,7 +110,7 @@ def stub_av_if_missing() -> bool:
     """comfy_api imports PyAV at module level for its video types only. Where PyAV is not
     installed, a stub that fails on use stands in (nothing here touches video)."""
     try:
-        import av  # noqa: F401
+        importlib.import_module("av")
         return False
     except ImportError:
         for name in ("av", "av.container", "av.subtitles", "av.subtitles.stream"):
@@ -138,7 +139,7 @@ def import_comfyui(cpu: bool, comfy_kitchen: str = "auto") -> dict:
         raise ImportError(f"'nodes' resolved to {comfy_nodes.__file__}, not ComfyUI's nodes.py")
     import comfy.model_management  # noqa: F401  (reads args at import)
     import comfy.sd  # noqa: F401
-    import comfy_extras.nodes_train  # noqa: F401
+    importlib.import_module("comfy_extras.nodes_train")
     try:
         import comfy_kitchen  # noqa: F401
         env["comfy_kitchen"] = True

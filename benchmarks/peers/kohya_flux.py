@@ -241,7 +241,7 @@ def run(args, out: dict) -> dict:
     flux_models, lora_flux = import_kohya(sd_dir)
     sys.path.insert(1, str(ROOT))
     from einops import rearrange, repeat
-    from fluxtrain.params import FluxParams
+    bench = _bench_train()
 
     device = torch.device(args.device)
     cuda = device.type == "cuda"
@@ -250,10 +250,7 @@ def run(args, out: dict) -> dict:
     out["torch"] = torch.__version__
 
     # ---- the same random float8 weights as bench_train, in kohya's Flux
-    params = FluxParams()
-    if args.tiny:  # bench_train.py --tiny: real input widths, tiny model
-        params = FluxParams(vec_in_dim=768, context_in_dim=4096, hidden_size=256, num_heads=2,
-                            depth=2, depth_single_blocks=2)
+    params = bench.bench_params(args.tiny)  # bench_train.py --tiny: real input widths, tiny model
     kp = flux_models.FluxParams(
         in_channels=params.in_channels, vec_in_dim=params.vec_in_dim,
         context_in_dim=params.context_in_dim, hidden_size=params.hidden_size,
@@ -272,7 +269,7 @@ def run(args, out: dict) -> dict:
         settings["base_dtype_note"] = "float8 Linear under CPU autocast fails with this torch: bf16"
 
     t0 = time.perf_counter()
-    ours = _bench_train().random_fp8_model(params, device, seed=args.seed)
+    ours = bench.random_fp8_model(params, device, seed=args.seed)
     sd = ours.state_dict()
     with torch.device("meta"):  # as flux_utils.load_flow_model: init_empty_weights + assign
         model = flux_models.Flux(kp)
@@ -422,18 +419,12 @@ def run(args, out: dict) -> dict:
     out["step_s"] = times
     out["losses"] = losses
     for i in range(args.warmup + args.steps):
-        if cuda:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-        else:
-            t_start = time.perf_counter()
+        start, end = bench.StepTimer(cuda), bench.StepTimer(cuda)
+        start.record()
         loss = step()
-        if cuda:
-            end.record()
-            end.synchronize()
-            dt = start.elapsed_time(end) / 1e3
-        else:
-            dt = time.perf_counter() - t_start
+        end.record()
+        end.synchronize()
+        dt = start.elapsed_time(end) / 1e3
         loss = float(loss)
         losses.append(loss)
         print(f"step {i}{' (warm-up)' if i < args.warmup else ''}: loss {loss:.6f}  {dt:.3f} s",
