@@ -48,14 +48,11 @@ class CheckpointInfo:
     # Scaled fp8: {BFL layer name: float32 scale}; real weight = stored weight * scale.
     weight_scales: dict[str, torch.Tensor] = field(default_factory=dict)
 
-    def content_hash(self) -> str:
-        return content_hash(self.path)
-
 
 # ---------------------------------------------------------------- diffusers keys
 
 # BFL's final adaLN holds (shift, scale); diffusers' norm_out.linear holds (scale, shift).
-_SWAP_HALVES = ("final_layer.adaLN_modulation.1.weight", "final_layer.adaLN_modulation.1.bias")
+SWAP_HALVES = ("final_layer.adaLN_modulation.1.weight", "final_layer.adaLN_modulation.1.bias")
 
 
 def diffusers_key_map(depth: int, single: int, guidance: bool) -> list[tuple[str, tuple[str, ...]]]:
@@ -128,7 +125,7 @@ def bfl_to_diffusers(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         if bfl not in sd:
             continue
         t, used = sd[bfl], used | {bfl}
-        if bfl in _SWAP_HALVES:
+        if bfl in SWAP_HALVES:
             t = _swap_halves(t)
         if len(parts) == 4:  # single block linear1: q, k, v of width hidden, then the MLP
             pieces = t.split([hidden, hidden, hidden, t.shape[0] - 3 * hidden], dim=0)
@@ -174,7 +171,7 @@ def _assemble(tensors: Mapping[str, torch.Tensor], bfl: str, parts: tuple[str, .
               from_diffusers: bool) -> torch.Tensor:
     """The BFL tensor `bfl` from its stored pieces (one key, or diffusers' split parts)."""
     t = torch.cat([tensors[p] for p in parts], dim=0) if len(parts) > 1 else tensors[parts[0]]
-    return _swap_halves(t) if from_diffusers and bfl in _SWAP_HALVES else t
+    return _swap_halves(t) if from_diffusers and bfl in SWAP_HALVES else t
 
 
 def diffusers_to_bfl(tensors: Mapping[str, torch.Tensor],
@@ -400,12 +397,16 @@ def _layout(path: str | os.PathLike, require_guidance: bool) -> _Layout:
               for bfl, ms in parts.items()}
     name = _model_name(p)
     params, is_schnell, variant = _identify(shapes, name, str(path), require_guidance)
-    # Storage dtype of the Linear weights: the most common dtype of the 2-D tensors.
-    dtype = Counter(ms[0].dtype for bfl, ms in parts.items()
-                    if len(shapes[bfl]) == 2).most_common(1)[0][0]
+    dtype = _weight_dtype((ms[0].dtype, shapes[bfl]) for bfl, ms in parts.items())
     info = CheckpointInfo(path=str(path), name=name, format=fmt, dtype=dtype, params=params,
                           is_schnell=is_schnell, variant=variant, files=[str(f) for f in files])
     return _Layout(info, sources, scales)
+
+
+def _weight_dtype(dtypes_and_shapes) -> torch.dtype:
+    """Storage dtype of the Linear weights: the most common dtype of the 2-D tensors."""
+    return Counter(dtype for dtype, shape in dtypes_and_shapes
+                   if len(shape) == 2).most_common(1)[0][0]
 
 
 def _identify(shapes, name: str, where: str, require_guidance: bool):
@@ -508,7 +509,7 @@ def describe_state_dict(sd: Mapping[str, torch.Tensor], name: str,
     as describe_checkpoint. `path` is empty and `files` is empty: there is no file."""
     shapes = {k: tuple(t.shape) for k, t in sd.items()}
     params, is_schnell, variant = _identify(shapes, name, name, require_guidance)
-    dtype = Counter(t.dtype for t in sd.values() if t.ndim == 2).most_common(1)[0][0]
+    dtype = _weight_dtype((t.dtype, t.shape) for t in sd.values())
     return CheckpointInfo(path="", name=name, format=fmt, dtype=dtype, params=params,
                           is_schnell=is_schnell, variant=variant)
 

@@ -16,13 +16,13 @@ import torch
 
 from .checkpoint import DIFFUSERS_INDEX, SCALE_WEIGHT, SCALED_FP8_MARKER, bfl_to_diffusers
 from .files import atomic_write_json, atomic_write_safetensors
+from .fp8 import quantize
 from .params import FluxParams, expected_shapes
 
 # Weights ~ N(0, (GAIN / sqrt(fan_in))^2): activations stay near unit scale through
 # every block, and modulation (shift, scale, gate) stays small, as in a trained Flux.
 WEIGHT_GAIN = 0.5
 BIAS_STD = 0.02
-FP8_MAX = {torch.float8_e4m3fn: 448.0, torch.float8_e5m2: 57344.0}
 
 
 def random_tensor(key: str, shape: tuple[int, ...], seed: int = 0,
@@ -54,22 +54,16 @@ def write_bfl(sd: dict[str, torch.Tensor], path: str | os.PathLike,
                              {"format": "pt"})
 
 
-def scale_fp8(weight: torch.Tensor, fp8: torch.dtype = torch.float8_e4m3fn):
-    """(float8 weight, float32 scalar scale) with weight ~= fp8 * scale, the absolute
-    maximum mapped to the largest float8 value."""
-    scale = (weight.float().abs().max() / FP8_MAX[fp8]).clamp(min=1e-12)
-    return (weight.float() / scale).to(fp8), scale
-
-
 def write_scaled_fp8(sd: dict[str, torch.Tensor], path: str | os.PathLike, prefix: str = "",
                      other_dtype: torch.dtype = torch.bfloat16) -> None:
     """ComfyUI's scaled fp8 format: every Linear weight as float8_e4m3fn plus a float32
     `<layer>.scale_weight`, other tensors in `other_dtype`, and the `scaled_fp8` marker
-    (an empty float8_e4m3fn tensor; ComfyUI's convert_old_quants reads it)."""
+    (an empty float8_e4m3fn tensor; ComfyUI's convert_old_quants reads it). The scale
+    maps each weight's absolute maximum onto the largest float8 value (fp8.quantize)."""
     out = {}
     for k, v in sd.items():
         if k.endswith(".weight") and v.ndim == 2:
-            w, scale = scale_fp8(v)
+            w, scale = quantize(v)
             out[prefix + k] = w
             out[prefix + k[:-len(".weight")] + SCALE_WEIGHT] = scale
         else:
