@@ -31,9 +31,10 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from torch import Tensor, nn
 
+from .checkpoint import SWAP_HALVES, diffusers_key_map
 from .files import atomic_write_safetensors
 from .layers import FrozenLinear
-from .params import FluxParams, expected_shapes
+from .params import FluxParams, expected_shapes, linear_modules
 
 # ---------------------------------------------------------------- which layers
 
@@ -153,8 +154,7 @@ def target_modules(config: LoRAConfig, params: FluxParams) -> list[str]:
                 raise LoRAConfigError(
                     f"block range {kind} {lo}-{hi} goes past the model: it has {counts[kind]} "
                     f"{kind} (numbered 0-{counts[kind] - 1})")
-    linears = [k[:-len(".weight")] for k, shape in expected_shapes(params).items()
-               if k.endswith(".weight") and len(shape) == 2]
+    linears = linear_modules(params)
 
     def block_selected(kind: str, index: int) -> bool:
         if not config._ranges:
@@ -368,49 +368,31 @@ class Target(NamedTuple):
 
 
 def _diffusers_names(p: FluxParams) -> dict[str, Target]:
-    """diffusers module name -> where it lives in the BFL layout."""
-    h, m = p.hidden_size, p.mlp_hidden_dim
-    names = {
-        "x_embedder": Target("img_in"), "context_embedder": Target("txt_in"),
-        "time_text_embed.timestep_embedder.linear_1": Target("time_in.in_layer"),
-        "time_text_embed.timestep_embedder.linear_2": Target("time_in.out_layer"),
-        "time_text_embed.text_embedder.linear_1": Target("vector_in.in_layer"),
-        "time_text_embed.text_embedder.linear_2": Target("vector_in.out_layer"),
-        "norm_out.linear": Target("final_layer.adaLN_modulation.1", None, True),
-        "proj_out": Target("final_layer.linear"),
-    }
-    if p.guidance_embed:
-        names["time_text_embed.guidance_embedder.linear_1"] = Target("guidance_in.in_layer")
-        names["time_text_embed.guidance_embedder.linear_2"] = Target("guidance_in.out_layer")
-    for i in range(p.depth):
-        d, b = f"transformer_blocks.{i}", f"double_blocks.{i}"
-        for j, c in enumerate("qkv"):
-            names[f"{d}.attn.to_{c}"] = Target(f"{b}.img_attn.qkv", (j * h, h))
-            names[f"{d}.attn.add_{c}_proj"] = Target(f"{b}.txt_attn.qkv", (j * h, h))
-        for src, dst in (("attn.to_out.0", "img_attn.proj"), ("attn.to_add_out", "txt_attn.proj"),
-                         ("norm1.linear", "img_mod.lin"), ("norm1_context.linear", "txt_mod.lin"),
-                         ("ff.net.0.proj", "img_mlp.0"), ("ff.net.2", "img_mlp.2"),
-                         ("ff_context.net.0.proj", "txt_mlp.0"), ("ff_context.net.2", "txt_mlp.2")):
-            names[f"{d}.{src}"] = Target(f"{b}.{dst}")
-    for i in range(p.depth_single_blocks):
-        s, b = f"single_transformer_blocks.{i}", f"single_blocks.{i}"
-        for j, c in enumerate("qkv"):
-            names[f"{s}.attn.to_{c}"] = Target(f"{b}.linear1", (j * h, h))
-        names[f"{s}.proj_mlp"] = Target(f"{b}.linear1", (3 * h, m))
-        names[f"{s}.proj_out"] = Target(f"{b}.linear2")
-        names[f"{s}.norm.linear"] = Target(f"{b}.modulation.lin")
+    """diffusers module name -> where it lives in the BFL layout, from the checkpoint key
+    map: the parts a fused BFL weight is split into (q, k, v; single blocks' linear1 also
+    proj_mlp) are consecutive row slices of it."""
+    widths = (p.hidden_size,) * 3 + (p.mlp_hidden_dim,)
+    names = {}
+    for bfl, parts in diffusers_key_map(p.depth, p.depth_single_blocks, p.guidance_embed):
+        if not bfl.endswith(".weight"):  # biases and norm scales get no LoRA
+            continue
+        module = bfl[:-len(".weight")]
+        if len(parts) == 1:
+            names[parts[0][:-len(".weight")]] = Target(module, None, bfl in SWAP_HALVES)
+            continue
+        first = 0
+        for part, width in zip(parts, widths):
+            names[part[:-len(".weight")]] = Target(module, (first, width))
+            first += width
     return names
 
 
 def lora_key_map(params: FluxParams) -> dict[str, Target]:
     """Every LoRA module name we (and ComfyUI) accept for this model -> its BFL target."""
-    shapes = expected_shapes(params)
     key_map: dict[str, Target] = {}
-    for key, shape in shapes.items():
-        if key.endswith(".weight") and len(shape) == 2:
-            module = key[:-len(".weight")]
-            key_map[kohya_name(module)] = Target(module)
-            key_map[f"diffusion_model.{module}"] = Target(module)
+    for module in linear_modules(params):
+        key_map[kohya_name(module)] = Target(module)
+        key_map[f"diffusion_model.{module}"] = Target(module)
     for i in range(params.depth_single_blocks):
         key_map[f"diffusion_model.single_blocks.{i}.linear1_qkv"] = Target(
             f"single_blocks.{i}.linear1", (0, 3 * params.hidden_size))

@@ -57,12 +57,6 @@ class FluxParams:
         return d
 
     @classmethod
-    def from_dict(cls, d: Mapping) -> "FluxParams":
-        d = dict(d)
-        d["axes_dim"] = tuple(d["axes_dim"])
-        return cls(**d)
-
-    @classmethod
     def from_state_dict(cls, shapes: Mapping[str, Sequence[int]]) -> "FluxParams":
         """Infer the shapes from `{bfl_key: shape}` (no prefix)."""
         required = ["img_in.weight", "txt_in.weight", "vector_in.in_layer.weight",
@@ -174,6 +168,12 @@ def expected_shapes(p: FluxParams) -> dict[str, tuple[int, ...]]:
     linear("final_layer.linear", p.out_channels, h)
     linear("final_layer.adaLN_modulation.1", 2 * h, h)
     return shapes
+
+
+def linear_modules(p: FluxParams) -> list[str]:
+    """BFL names (no '.weight') of every Linear of the model, in model order."""
+    return [k[:-len(".weight")] for k, shape in expected_shapes(p).items()
+            if k.endswith(".weight") and len(shape) == 2]
 
 
 # A Flux small enough for fast CPU tests; same structure as the real one.

@@ -11,7 +11,7 @@ from fluxtrain.lora import (LoRAAdapter, LoRAConfig, LoRAConfigError, LoRAFileEr
                             attach_lora, detach_lora, kohya_name, load_lora_file,
                             load_lora_state_dict, lora_deltas, lora_key_map, lora_state_dict,
                             save_lora_file, target_modules)
-from fluxtrain.params import TINY, FluxParams, expected_shapes
+from fluxtrain.params import TINY, FluxParams, expected_shapes, linear_modules
 from fluxtrain.synthetic import random_state_dict
 
 
@@ -227,11 +227,12 @@ def test_default_file_is_bf16_and_close(tmp_path, trained):
 def random_factors(params=TINY, rank=3, seed=0):
     """{bfl module: (down, up, alpha)} for every Linear of the model."""
     g = torch.Generator().manual_seed(seed)
+    shapes = expected_shapes(params)
     out = {}
-    for key, shape in expected_shapes(params).items():
-        if key.endswith(".weight") and len(shape) == 2:
-            out[key[:-7]] = (torch.randn(rank, shape[1], generator=g),
-                             torch.randn(shape[0], rank, generator=g), torch.tensor(float(rank + 1)))
+    for m in linear_modules(params):
+        out_f, in_f = shapes[f"{m}.weight"]
+        out[m] = (torch.randn(rank, in_f, generator=g), torch.randn(out_f, rank, generator=g),
+                  torch.tensor(float(rank + 1)))
     return out
 
 
@@ -341,7 +342,7 @@ def test_key_map_agrees_with_diffusers_kohya_converter():
     conv = pytest.importorskip("diffusers.loaders.lora_conversion_utils")
     params = FluxParams()     # the converter hard-codes 19/38 blocks and width 3072
     shapes = expected_shapes(params)
-    modules = [k[:-7] for k, s in shapes.items() if k.endswith(".weight") and len(s) == 2]
+    modules = linear_modules(params)
     sd = {}
     for i, m in enumerate(modules):       # down marks the module, up marks the row
         out_f, in_f = shapes[f"{m}.weight"]
