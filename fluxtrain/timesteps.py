@@ -37,13 +37,9 @@ def flux_shift_mu(tokens: int) -> float:
 
 
 def shift_timesteps(u: torch.Tensor, shift: float) -> torch.Tensor:
-    """S*u / (1 + (S-1)*u): moves mass toward noise for S > 1."""
+    """S*u / (1 + (S-1)*u): moves mass toward noise for S > 1. With S = e^mu this is
+    Flux's time shift e^mu / (e^mu + (1/u - 1)), without its division by u."""
     return shift * u / (1 + (shift - 1) * u)
-
-
-def flux_time_shift(u: torch.Tensor, mu: float) -> torch.Tensor:
-    """e^mu / (e^mu + (1/u - 1)), Flux's time shift (equal to shift_timesteps with S = e^mu)."""
-    return math.exp(mu) / (math.exp(mu) + (1 / u - 1))
 
 
 def _sigmoid_normal(n, gen, mean, std):
@@ -65,8 +61,7 @@ def _flux_shift(n, gen, *, mean, std, shift, tokens):
                          "of the latent; 4096 for a 1024x1024 image)")
     if tokens <= 0:
         raise ValueError(f"image_tokens must be positive, got {tokens}")
-    u = _sigmoid_normal(n, gen, mean, std).clamp(EPS, 1 - EPS)
-    return flux_time_shift(u, flux_shift_mu(tokens))
+    return shift_timesteps(_sigmoid_normal(n, gen, mean, std), math.exp(flux_shift_mu(tokens)))
 
 
 def _uniform(n, gen, *, mean, std, shift, tokens):
