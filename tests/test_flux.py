@@ -1,14 +1,15 @@
 """The Flux transformer: BFL key layout, parity with diffusers' independent
 implementation, latent packing order, guidance input, checkpointing, float8 storage."""
 
+import dataclasses
 import json
-import types
 from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
+from fluxtrain.checkpoint import bfl_to_diffusers
 from fluxtrain.flux import Flux, pack_latents, text_ids, unpack_latents
 from fluxtrain.params import TINY, FluxParams, expected_shapes
 
@@ -48,8 +49,7 @@ def random_inputs(batch=2, latent_hw=(8, 12), txt_len=5, params=TINY, seed=1):
 # ---------------------------------------------------------------- key layout
 
 def test_state_dict_is_the_bfl_layout():
-    for params in (TINY, FluxParams(**{**TINY.to_dict(), "guidance_embed": False,
-                                       "axes_dim": TINY.axes_dim})):
+    for params in (TINY, dataclasses.replace(TINY, guidance_embed=False)):
         shapes = {k: tuple(v.shape) for k, v in Flux(params).state_dict().items()}
         assert shapes == expected_shapes(params)
 
@@ -64,17 +64,6 @@ def test_full_size_model_matches_the_released_flux1_dev_keys():
 
 # ---------------------------------------------------------------- parity with diffusers
 
-def bfl_to_diffusers(state_dict: dict, hidden_size: int) -> dict:
-    """diffusers' own single-file converter (an implementation independent of ours).
-    It hard-codes FLUX.1's width 3072 to split single_blocks.N.linear1, so run its code
-    with that one constant replaced by the test model's width."""
-    from diffusers.loaders.single_file_utils import convert_flux_transformer_checkpoint_to_diffusers as fn
-    consts = fn.__code__.co_consts
-    assert consts.count(3072) == 1, "diffusers' converter changed: revisit this test helper"
-    code = fn.__code__.replace(co_consts=tuple(hidden_size if c == 3072 else c for c in consts))
-    return types.FunctionType(code, fn.__globals__)(dict(state_dict))
-
-
 def diffusers_flux(model: Flux):
     from diffusers import FluxTransformer2DModel
     p = model.params
@@ -84,7 +73,8 @@ def diffusers_flux(model: Flux):
         num_attention_heads=p.num_heads, joint_attention_dim=p.context_in_dim,
         pooled_projection_dim=p.vec_in_dim, guidance_embeds=p.guidance_embed,
         axes_dims_rope=p.axes_dim)
-    reference.load_state_dict(bfl_to_diffusers(model.state_dict(), p.hidden_size), strict=True)
+    # Our converter: test_checkpoint checks it key for key against diffusers' own.
+    reference.load_state_dict(bfl_to_diffusers(model.state_dict()), strict=True)
     return reference.eval()
 
 
