@@ -19,6 +19,13 @@ from ..fluxtrain.files import UnsafePathError
 from .common import CATEGORY, DatasetType, ImagesType, datasets_root, input_folder, input_root
 
 
+def _caption_inputs(repeats_name: str, repeats_tip: str) -> list:
+    """The trigger word and repeat count both image nodes take."""
+    return [io.String.Input("trigger_word", default="",
+                            tooltip="Put in front of every caption that lacks it (e.g. 'ohwx')."),
+            io.Int.Input(repeats_name, default=1, min=1, max=1000, tooltip=repeats_tip)]
+
+
 class Dev2ProImagesFromFolder(io.ComfyNode):
     @classmethod
     def define_schema(cls):
@@ -34,10 +41,8 @@ class Dev2ProImagesFromFolder(io.ComfyNode):
                 io.String.Input("folder", default="training/my_subject",
                                 tooltip="Folder relative to ComfyUI's input folder; '..' and absolute "
                                         "paths are refused."),
-                io.String.Input("trigger_word", default="",
-                                tooltip="Put in front of every caption that lacks it (e.g. 'ohwx')."),
-                io.Int.Input("default_repeats", default=1, min=1, max=1000,
-                             tooltip="Repeats for images not in an '<N>_<name>' sub-folder."),
+                *_caption_inputs("default_repeats",
+                                 "Repeats for images not in an '<N>_<name>' sub-folder."),
             ],
             outputs=[ImagesType.Output(display_name="images"),
                      io.String.Output(display_name="report")],
@@ -91,10 +96,7 @@ class Dev2ProImagesFromBatch(io.ComfyNode):
                 io.String.Input("captions", multiline=True, default="",
                                 tooltip="One caption per image, one per line; a single line is used "
                                         "for every image."),
-                io.String.Input("trigger_word", default="",
-                                tooltip="Put in front of every caption that lacks it."),
-                io.Int.Input("repeats", default=1, min=1, max=1000,
-                             tooltip="How many times each image is seen per epoch."),
+                *_caption_inputs("repeats", "How many times each image is seen per epoch."),
             ],
             outputs=[ImagesType.Output(display_name="images")],
         )
@@ -176,8 +178,7 @@ class Dev2ProEncodeDataset(io.ComfyNode):
         pbar = comfy.utils.ProgressBar(len(items) * (2 if flip else 1))
 
         def encode_text(caption):
-            cond, pooled = clip.encode_from_tokens(clip.tokenize(caption), return_pooled=True)
-            return cond, pooled
+            return clip.encode_from_tokens(clip.tokenize(caption), return_pooled=True)
 
         def on_progress(done, total, message):
             print(f"[dev2pro] {message} ({done}/{total})", flush=True)
@@ -187,7 +188,7 @@ class Dev2ProEncodeDataset(io.ComfyNode):
                                  encode_text=encode_text, cache_root=datasets_root(),
                                  resolution=resolution, flip=flip, encoder_identity=identity,
                                  on_progress=on_progress)
-        reused = bool(getattr(dataset, "reused", False))
+        reused = dataset.reused
         buckets = dataset.bucket_counts()
         report = (f"{len(dataset)} samples in buckets {buckets}, "
                   f"{'reused the cache' if reused else 'encoded'} {dataset.folder.name}")
@@ -195,7 +196,7 @@ class Dev2ProEncodeDataset(io.ComfyNode):
         if problems:
             report += f"\n{len(problems)} problem(s) while reading images:\n" + "\n".join(problems)
         print(f"[dev2pro] dataset: {report}", flush=True)
-        handle = {"path": str(dataset.folder), "key": getattr(dataset, "cache_key", dataset.folder.name),
+        handle = {"path": str(dataset.folder), "key": dataset.cache_key,
                   "reused": reused, "samples": len(dataset), "buckets": buckets,
                   "resolution": resolution, "summary": report}
         return io.NodeOutput(handle, report, ui={"text": [report], "dev2pro_dataset": [

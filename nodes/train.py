@@ -12,6 +12,7 @@ path), then re-raises. Queueing the same run name with the same settings resumes
 from __future__ import annotations
 
 import gc
+import json
 import shutil
 import time
 from dataclasses import MISSING, fields
@@ -19,12 +20,11 @@ from dataclasses import MISSING, fields
 import torch
 from comfy_api.latest import io
 
-from ..fluxtrain.checkpoint import content_hash
+from ..fluxtrain.checkpoint import content_hash, weight_files
 from ..fluxtrain.placement import BaseTensors, load_base_for_training
 from ..fluxtrain.dataset import EncodedDataset
 from ..fluxtrain.files import atomic_write_json
 from ..fluxtrain.lora import load_lora_file
-from ..fluxtrain.state import load_latest_state
 from ..fluxtrain.train import TrainConfig, train
 from .common import (CATEGORY, BaseType, DatasetType, RunType, base_hashes_file, clean_name,
                      forget_lora_list, lora_file, recipe_metadata, run_folder)
@@ -140,7 +140,7 @@ class Dev2ProTrainLoRA(io.ComfyNode):
         base_hash = (content_hash(base["path"], base_hashes_file())    # "" for a MODEL
                      if base.get("path") else "")
         metadata = {"name": base["name"], "hash": base_hash,
-                    "variant": base["variant"], "dataset": dataset.get("key", ""),
+                    "variant": base["variant"], "dataset": dataset["key"],
                     **recipe_metadata(cls.hidden.prompt, cls.hidden.extra_pnginfo)}
 
         mm.unload_all_models()          # make room: ComfyUI's own models leave the GPU
@@ -148,11 +148,16 @@ class Dev2ProTrainLoRA(io.ComfyNode):
         device = mm.get_torch_device()
         pbar = comfy.utils.ProgressBar(config.steps, node_id=node_id)
         stop = _Stop()
-        began = time.monotonic()
+        began = None    # (step, time) before the first step trained here: a resumed run
+                        # starts past 0, and loading the base is not training time
 
         def on_step(r):
-            elapsed = time.monotonic() - began
-            eta = elapsed / max(1, r.step - first[0]) * (r.total - r.step)
+            nonlocal began
+            now = time.monotonic()
+            if began is None:
+                began = (r.step - 1, now - r.seconds)
+            first_step, since = began
+            eta = (now - since) / (r.step - first_step) * (r.total - r.step)
             print(f"[dev2pro] {name} step {r.step}/{r.total} loss {r.loss:.5f} "
                   f"lr {r.learning_rate:.2e} {r.seconds:.2f}s/step eta {eta:.0f}s", flush=True)
             PromptServer.instance.send_sync("dev2pro.progress", {
@@ -164,7 +169,6 @@ class Dev2ProTrainLoRA(io.ComfyNode):
             except mm.InterruptProcessingException:
                 stop.requested = True   # the engine saves a checkpoint before the next step
 
-        first = [0]
         placed = None
         try:
             # ComfyUI runs nodes under inference_mode; training needs autograd back.
@@ -176,8 +180,6 @@ class Dev2ProTrainLoRA(io.ComfyNode):
                 del source         # the references to ComfyUI's tensors live in the model only
                 print(f"[dev2pro] training {name} on {base['summary']}, {len(data)} samples, "
                       f"guidance {config.guidance:g}, {config.steps} steps", flush=True)
-                saved = load_latest_state(run_dir)
-                first[0] = saved.step if saved else 0
                 result = train(placed.model, data, config, run_dir, lora_path=lora_path,
                                base_metadata=metadata, on_step=on_step, should_stop=stop,
                                log=lambda line: print(line, flush=True))
@@ -197,7 +199,7 @@ class Dev2ProTrainLoRA(io.ComfyNode):
         run = {"name": name, "lora": lora_name, "base": base["name"], "variant": base["variant"],
                "guidance": config.guidance, "settings": config.to_dict(),
                "losses": list(result.losses), "steps": result.steps_done,
-               "dataset": dataset.get("key", "")}
+               "dataset": dataset["key"]}
         lora = load_lora_file(lora_path)[0]
         ui = {"dev2pro_losses": [{"run": name, "losses": run["losses"], "base": base["name"],
                                   "variant": base["variant"], "guidance": config.guidance}],
@@ -210,10 +212,8 @@ def _check_same_inputs(run_dir, name, base, dataset) -> None:
     """A run name resumes only on the same base and dataset; record them on first use."""
     record = run_dir / "inputs.json"
     size = _size(base["path"]) if base.get("path") else base.get("size", 0)
-    now = {"base": base["name"], "base_size": size, "dataset": dataset.get("key", "")}
+    now = {"base": base["name"], "base_size": size, "dataset": dataset["key"]}
     if record.is_file():
-        import json
-
         saved = json.loads(record.read_text())
         differ = [k for k in now if saved.get(k) != now[k]]
         if differ:
@@ -226,8 +226,6 @@ def _check_same_inputs(run_dir, name, base, dataset) -> None:
 
 
 def _size(path) -> int:
-    from ..fluxtrain.checkpoint import weight_files
-
     return sum(f.stat().st_size for f in weight_files(path))
 
 

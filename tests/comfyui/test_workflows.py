@@ -136,9 +136,10 @@ def test_ab_grid_shows_both_columns_and_the_chart_both_runs(setup, ab_run):
     a, b = pixels(view_path(server, row["a"])), pixels(view_path(server, row["b"]))
     factor = -(-256 // SIZE)      # the grid enlarges small images by a whole factor, nearest neighbour
     a, b = (im.repeat(factor, 0).repeat(factor, 1) for im in (a, b))
-    cell, middle = SIZE * factor, grid.shape[1] / 2
-    assert any(x + cell <= middle + cell for _, x in find_in(grid, a)), "A is not in the left column"
-    assert any(x >= middle - cell for _, x in find_in(grid, b)), "B is not in the right column"
+    assert np.abs(a - b).max() > 1.0, "A and B sampled alike: their columns cannot be told apart"
+    xs_a, xs_b = ([x for _, x in find_in(grid, im)] for im in (a, b))
+    assert xs_a and xs_b, f"A found at x {xs_a}, B at x {xs_b}: an image is missing from the grid"
+    assert max(xs_a) < min(xs_b), f"A (x {xs_a}) is not left of B (x {xs_b})"
 
     chart_node = nodes_of(prompt, "Dev2ProLossChart")[0]
     runs = {r["run"]: r for r in outputs[chart_node]["dev2pro_losses"]}
