@@ -75,16 +75,17 @@ def fsync_folder(folder: Path) -> None:
         os.close(fd)
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
-    """Write `data` to `path` atomically: temp file in the same folder, fsync,
-    `os.replace`. The parent folder is created if missing. Returns the path."""
+def atomic_write_with(path: str | os.PathLike, write) -> Path:
+    """Write `path` atomically: `write(tmp)` fills a temp file in the same folder,
+    which is fsynced and renamed over `path` (a crash leaves the old file or none).
+    The parent folder is created if missing. Returns the path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
+        write(tmp)
+        with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
@@ -97,6 +98,11 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     return path
 
 
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    """Write `data` to `path` atomically (see atomic_write_with)."""
+    return atomic_write_with(path, lambda tmp: Path(tmp).write_bytes(data))
+
+
 def atomic_write_json(path: str | os.PathLike, obj) -> Path:
     """Write `obj` as indented UTF-8 JSON, atomically. NaN/Infinity are refused
     (they are not JSON, and the browser side could not read them)."""
@@ -106,9 +112,10 @@ def atomic_write_json(path: str | os.PathLike, obj) -> Path:
 
 def atomic_write_safetensors(tensors, path: str | os.PathLike,
                              metadata: dict[str, str] | None = None) -> Path:
-    """Write `{name: tensor}` (and str->str `metadata`) as a safetensors file, atomically."""
-    from safetensors.torch import save
+    """Write `{name: tensor}` (and str->str `metadata`) as a safetensors file, atomically.
+    Streamed to the temp file: no second copy of the tensors in memory."""
+    from safetensors.torch import save_file
 
-    data = save({k: v.detach().contiguous().cpu() for k, v in tensors.items()},
-                metadata=dict(metadata) if metadata else None)
-    return atomic_write_bytes(path, data)
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    return atomic_write_with(path, lambda tmp: save_file(
+        tensors, tmp, metadata=dict(metadata) if metadata else None))
