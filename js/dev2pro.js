@@ -11,7 +11,7 @@
 
 import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
-import { LossChart, PALETTE, formatDuration, formatLoss, smooth } from "./dev2pro_chart.js";
+import { LossChart, PALETTE, formatDuration, formatLoss } from "./dev2pro_chart.js";
 import { CompareView } from "./dev2pro_compare.js";
 import { injectStyle } from "./dev2pro_style.js";
 
@@ -82,21 +82,6 @@ function findSubgraphNode(graph, target, depth = 0) {
   return null;
 }
 
-function nodeByExecutionId(id) {
-  let graph = rootGraph();
-  let node = null;
-  for (const part of String(id).split(":")) {
-    node = graph?.getNodeById?.(part) ?? graph?.getNodeById?.(Number(part)) ?? null;
-    if (!node) return null;
-    graph = node.subgraph;
-  }
-  return node;
-}
-
-function comfyClass(node) {
-  return node?.constructor?.comfyClass ?? node?.comfyClass ?? node?.type;
-}
-
 // ---------------------------------------------------------------- storage
 
 function load(key) {
@@ -116,6 +101,13 @@ function save(key, value) {
 }
 
 // ---------------------------------------------------------------- loss runs
+
+/** The run of `runs` that started last, or null. */
+function newest(runs) {
+  let best = null;
+  for (const r of runs) if (!best || r.started > best.started) best = r;
+  return best;
+}
 
 /** run: {key, graph, node, run, session, started, updated, points: [[step, loss]], total,
  *        seconds (of the last step), eta, lr, live, done, base, variant, guidance} */
@@ -160,12 +152,18 @@ const lossStore = {
   },
 
   latest(graph, node, run) {
-    let best = null;
-    for (const r of this.runs) {
-      if (r.graph === graph && r.node === node && (run === undefined || r.run === run)
-          && (!best || r.started > best.started)) best = r;
-    }
-    return best;
+    return newest(this.runs.filter((r) => r.graph === graph && r.node === node && r.run === run));
+  },
+
+  add(graph, node, run, session = null) {
+    const now = Date.now();
+    const rec = {
+      key: `${graph}|${node}|${run}|${now}`, graph, node, run,
+      session: session ?? this.session ?? this.newSession(), started: now, updated: now,
+      points: [], total: 0, done: false,
+    };
+    this.runs.push(rec);
+    return rec;
   },
 
   progress(d) {
@@ -177,15 +175,7 @@ const lossStore = {
     if (!Number.isFinite(step)) return;
     let rec = this.latest(graph, node, run);
     const last = rec?.points[rec.points.length - 1];
-    if (!rec || rec.done || (last && step <= last[0])) {
-      const now = Date.now();
-      rec = {
-        key: `${graph}|${node}|${run}|${now}`, graph, node, run,
-        session: this.session ?? this.newSession(), started: now, updated: now,
-        points: [], total: 0, done: false,
-      };
-      this.runs.push(rec);
-    }
+    if (!rec || rec.done || (last && step <= last[0])) rec = this.add(graph, node, run);
     rec.points.push([step, loss]);
     rec.total = Number(d.total) || rec.total;
     rec.seconds = Number(d.seconds);
@@ -204,12 +194,7 @@ const lossStore = {
       let rec = this.latest(graph, node, run);
       if (session !== null && rec) continue; // restoring from history: what we hold is as good
       if (!rec || (rec.done && session === null && rec.points.length !== e.losses.length)) {
-        const now = Date.now();
-        rec = {
-          key: `${graph}|${node}|${run}|${now}`, graph, node, run,
-          session: session ?? this.session ?? this.newSession(), started: now, updated: now, points: [],
-        };
-        this.runs.push(rec);
+        rec = this.add(graph, node, run, session);
       }
       const lastLive = rec.points.length ? rec.points[rec.points.length - 1][0] : e.losses.length;
       const offset = Math.max(0, lastLive - e.losses.length);
@@ -323,9 +308,7 @@ class LossChartWidget {
     const id = executionId(this.node);
     const graph = graphId(this.node.graph?.rootGraph);
     const sameGraph = (r) => r.graph === graph || r.graph === "*";
-    const own = id === null ? [] : lossStore.runs.filter((r) => sameGraph(r) && r.node === id);
-    let latest = null;
-    for (const r of own) if (!latest || r.started > latest.started) latest = r;
+    const latest = id === null ? null : newest(lossStore.runs.filter((r) => sameGraph(r) && r.node === id));
     let shown = [];
     if (latest) {
       const session = lossStore.runs
@@ -334,6 +317,7 @@ class LossChartWidget {
       shown = session
         .filter((r) => this.showAll || r.node === id)
         .map((r) => ({
+          key: r.key,
           label: runLabel(r),
           color: PALETTE[session.indexOf(r) % PALETTE.length],
           points: r.points,
@@ -343,7 +327,9 @@ class LossChartWidget {
     }
     this.chart.setRuns(shown);
     this.chart.draw();
-    this.status.textContent = latest ? statusText(latest) : "Not trained yet";
+    // The latest run is always among those shown: its smoothed curve is the chart's.
+    const smoothed = this.chart.runs.find((r) => r.key === latest?.key)?.smoothed ?? [];
+    this.status.textContent = latest ? statusText(latest, smoothed[smoothed.length - 1]) : "Not trained yet";
     this.status.title = latest ? `${runLabel(latest)}: ${this.status.textContent}` : "";
     const ownShown = shown.filter((r) => r.own);
     this.element.dataset.points = String(ownShown.reduce((n, r) => n + r.points.length, 0));
@@ -352,11 +338,9 @@ class LossChartWidget {
   }
 }
 
-function statusText(r) {
+function statusText(r, smoothed) {
   const last = r.points[r.points.length - 1];
   const step = last ? last[0] : 0;
-  const sm = smooth(r.points.map((p) => p[1]));
-  const smoothed = sm.length ? sm[sm.length - 1] : NaN;
   const total = r.total ? `/${r.total}` : "";
   if (r.done) return `done, ${step} steps · smoothed loss ${formatLoss(smoothed)}`;
   if (!r.live) return `stopped at step ${step}${total} · smoothed loss ${formatLoss(smoothed)}`;
@@ -409,11 +393,11 @@ class CompareWidget {
 function attach(node, name, Widget, minHeight, minWidth) {
   const controller = new Widget(node);
   const widget = node.addDOMWidget(name, name, controller.element, {
-    serialize: false, // never part of the workflow's widgets_values or of the prompt
+    serialize: false,
     hideOnZoom: false,
     getMinHeight: () => minHeight,
   });
-  widget.serialize = false;
+  widget.serialize = false; // the option above keeps it out of the prompt, this out of widgets_values
   widget.dev2pro = controller;
   charts.widgets.add(controller);
   const onRemoved = node.onRemoved;
@@ -499,12 +483,9 @@ guarded("could not listen for Dev2Pro events", () => {
     const remaining = e?.detail?.exec_info?.queue_remaining; // detail = the status message's "status"
     if (remaining === 0) {
       lossStore.queueIdle = true;
-      let changed = false;
-      for (const r of lossStore.runs) if (r.live) {
-        r.live = false;
-        changed = true;
-      }
-      if (changed) {
+      const live = lossStore.runs.filter((r) => r.live);
+      for (const r of live) r.live = false;
+      if (live.length) {
         lossStore.persist(true);
         charts.changed();
       }
@@ -595,4 +576,4 @@ app.registerExtension({
 });
 
 // For tests and debugging: the live stores (read-only use).
-window.__dev2pro = { lossStore, compareStore, charts, nodeByExecutionId };
+window.__dev2pro = { lossStore, compareStore, charts };

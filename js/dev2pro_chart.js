@@ -187,13 +187,14 @@ export class LossChart {
     ctx.clip();
     const ordered = [...runs].sort((a, b) => (a.own ? 1 : 0) - (b.own ? 1 : 0));
     for (const run of ordered) {
+      const steps = run.points.map((p) => p[0]);
       ctx.strokeStyle = run.color;
       ctx.globalAlpha = run.own ? 0.28 : 0.14;
       ctx.lineWidth = 1;
-      this._line(ctx, run.points.map((p) => p[0]), run.points.map((p) => p[1]), sx, sy, right - left);
+      this._line(ctx, steps, run.points.map((p) => p[1]), sx, sy, right - left);
       ctx.globalAlpha = run.own ? 1 : 0.75;
       ctx.lineWidth = run.own ? 2 : 1.5;
-      this._line(ctx, run.points.map((p) => p[0]), run.smoothed, sx, sy, right - left);
+      this._line(ctx, steps, run.smoothed, sx, sy, right - left);
     }
     ctx.restore();
     ctx.globalAlpha = 1;

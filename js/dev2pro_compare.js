@@ -196,32 +196,30 @@ export class CompareView {
       this.caption.replaceChildren();
       return;
     }
-    const srcA = this.urlOf(pair.a);
-    const srcB = this.urlOf(pair.b);
-    if (this.imgA.dataset.src !== srcA) {
-      this.imgA.dataset.src = srcA;
-      delete this.imgA.dataset.failed;
-      this.imgA.src = srcA;
+    for (const [img, ref] of [[this.imgA, pair.a], [this.imgB, pair.b]]) {
+      const src = this.urlOf(ref);
+      if (img.dataset.src === src) continue; // same image: no reload, keep a "failed" mark
+      img.dataset.src = src;
+      delete img.dataset.failed;
+      img.src = src;
     }
-    if (this.imgB.dataset.src !== srcB) {
-      this.imgB.dataset.src = srcB;
-      delete this.imgB.dataset.failed;
-      this.imgB.src = srcB;
+    const labelA = String(pair.label_a || "A");
+    const labelB = String(pair.label_b || "B");
+    for (const [label, text] of [[this.labelA, labelA], [this.labelB, labelB]]) {
+      label.textContent = text;
+      label.title = text;
     }
-    this.labelA.textContent = String(pair.label_a || "A");
-    this.labelB.textContent = String(pair.label_b || "B");
-    this.labelA.title = this.labelA.textContent;
-    this.labelB.title = this.labelB.textContent;
     const bits = [];
     if (pair.prompt !== undefined) bits.push(`“${pair.prompt}”`);
     if (pair.seed !== undefined) bits.push(`seed ${pair.seed}`);
     if (pair.strength !== undefined) bits.push(`strength ${pair.strength}`);
+    const details = bits.join(" · ");
     this.caption.replaceChildren(
-      el("div", "dev2pro-caption-line dev2pro-caption-a", this.labelA.textContent),
-      el("div", "dev2pro-caption-line dev2pro-caption-b", this.labelB.textContent),
-      el("div", "dev2pro-caption-line dev2pro-caption-prompt", bits.join(" · ")),
+      el("div", "dev2pro-caption-line dev2pro-caption-a", labelA),
+      el("div", "dev2pro-caption-line dev2pro-caption-b", labelB),
+      el("div", "dev2pro-caption-line dev2pro-caption-prompt", details),
     );
-    this.caption.title = `${this.labelA.textContent}\n${this.labelB.textContent}\n${bits.join(" · ")}`;
+    this.caption.title = `${labelA}\n${labelB}\n${details}`;
     this._applySplit();
     this.layout();
   }

@@ -17,53 +17,19 @@ The tests share one page and run in file order. Screenshots: test-artifacts/brow
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import pytest
 
-from scripts.demo_ab import SMOKE_TRAIN, for_small_models
-from scripts.workflow_format import ui_to_api
-
-from .conftest import Models
+from .helpers import (COMPARE, EXAMPLES, TRAIN, changed_saved_values, clipped_shot, drag,
+                      install_helpers, load_workflow, nodes_of, queue_and_watch, read_ab_workflow, small_prompt)
 from .launcher import close_dialogs, open_dialogs, wait_for_app
 
-EXAMPLES = Path(__file__).resolve().parents[2] / "example_workflows"
-AB = "dev2pro_vs_dev_lora_ab"
-TRAIN, COMPARE = "Dev2ProTrainLoRA", "Dev2ProCompareGrid"
 STEPS = 6            # per training run: enough to watch the chart grow
-RUN_TIMEOUT = 900
 
-JS_HELPERS = """
-window.__t = {
-  app: window.comfyAPI.app.app,
-  api: window.comfyAPI.api.api,
-  node(id) { return this.app.rootGraph.getNodeById(id); },
-  widget(id, name) { return this.node(id)?.widgets?.find(w => w.name === name) ?? null; },
-  chart(id) {
-    const el = this.widget(id, 'dev2pro_loss_chart')?.element;
-    if (!el) return null;
-    return { points: Number(el.dataset.points), runs: Number(el.dataset.runs), state: el.dataset.state,
-             status: el.querySelector('.dev2pro-loss-status')?.textContent ?? '' };
-  },
-  compare(id) {
-    const el = this.widget(id, 'dev2pro_compare')?.element;
-    if (!el) return null;
-    const a = el.querySelector('.dev2pro-img-a'), b = el.querySelector('.dev2pro-img-b');
-    return { count: Number(el.dataset.count), index: Number(el.dataset.index), mode: el.dataset.mode,
-             split: Number(el.dataset.split), clip: a.style.clipPath,
-             loadedA: a.complete && a.naturalWidth > 0, loadedB: b.complete && b.naturalWidth > 0,
-             srcA: a.src, srcB: b.src,
-             labelA: el.querySelector('.dev2pro-label-a').textContent,
-             labelB: el.querySelector('.dev2pro-label-b').textContent,
-             caption: el.querySelector('.dev2pro-compare-caption').textContent };
-  },
-  focus(id, scale = 1) {
-    const c = this.app.canvas, n = this.node(id);
-    c.ds.scale = scale;
-    c.centerOnNode(n);
-    c.setDirty(true, true);
-  },
+# Classic renderer only: the node drawn on the canvas, and ComfyUI's own image preview there.
+CANVAS_HELPERS = """
+Object.assign(window.__t, {
   rect(id) {
     // The node (title included) in page pixels.
     const c = this.app.canvas, n = this.node(id), r = c.canvas.getBoundingClientRect();
@@ -97,46 +63,27 @@ window.__t = {
     } finally { proto.drawImage = orig; }
     const pv = n.widgets.find(w => w.name === '$$canvas-image-preview');
     const laid = pv && !pv.hidden ? { x: left, y: top + pv.y * s, width: n.size[0] * s, height: (pv.computedHeight ?? 0) * s } : null;
-    return { widget: this.elementRect(id, 'dev2pro_compare'), images: n.imgs?.length ?? 0,
+    return { widget: this.compare(id).box, images: n.imgs?.length ?? 0,
              preview: !!pv, hidden: !!pv?.hidden, laid, draws };
   },
-  elementRect(id, name, selector) {
-    let el = this.widget(id, name)?.element;
-    if (el && selector) el = el.querySelector(selector);
-    if (!el) return null;
-    const r = el.getBoundingClientRect();
-    return { x: r.x, y: r.y, width: r.width, height: r.height };
-  },
-};
+});
 """
 
 
-def nodes_of(prompt: dict, kind: str) -> list[str]:
-    return [key for key, node in prompt.items() if node["class_type"] == kind]
-
-
 def helpers(page):
-    page.evaluate(JS_HELPERS)
+    install_helpers(page)
+    page.evaluate(CANVAS_HELPERS)
 
 
-def load_workflow(page, workflow: dict):
-    helpers(page)
-    close_dialogs(page)   # a late first-run Templates dialog, not ours
-    page.evaluate("""async (wf) => {
-        await __t.app.loadGraphData(wf, true, true, null, { showMissingModelsDialog: false });
-    }""", workflow)
-    page.wait_for_timeout(500)
+def load(page, workflow: dict):
+    load_workflow(page, workflow)
+    page.evaluate(CANVAS_HELPERS)
 
 
-def node_shot(page, path: Path, node_id: int, pad: int = 8):
+def node_shot(page, path: Path, node_id: int):
     """A screenshot of one node, cut to the viewport."""
     page.wait_for_timeout(250)
-    r = page.evaluate("(id) => __t.rect(id)", node_id)
-    vw, vh = page.viewport_size["width"], page.viewport_size["height"]
-    x, y = max(0, r["x"] - pad), max(0, r["y"] - pad)
-    clip = {"x": x, "y": y, "width": min(vw, r["x"] + r["width"] + pad) - x,
-            "height": min(vh, r["y"] + r["height"] + pad) - y}
-    page.screenshot(path=str(path), clip=clip)
+    clipped_shot(page, path, page.evaluate("(id) => __t.rect(id)", node_id))
 
 
 def test_the_pack_extension_is_served_and_registered(comfy, comfy_page):
@@ -152,23 +99,19 @@ def test_the_pack_extension_is_served_and_registered(comfy, comfy_page):
 def test_shipped_workflow_opens_with_no_missing_node_and_our_widgets(comfy, comfy_page, artifacts, path):
     page = comfy_page
     workflow = json.loads(path.read_text())
-    load_workflow(page, workflow)
+    load(page, workflow)
     assert page.locator(".p-dialog:visible").count() == 0, f"a dialog opened on load: {open_dialogs(page)}"
-    nodes = page.evaluate("""() => __t.app.rootGraph.nodes.map(n => ({
-        id: n.id, type: n.type, registered: !!LiteGraph.registered_node_types[n.type],
-        widgets: (n.widgets ?? []).map(w => w.name), values: n.serialize().widgets_values ?? null }))""")
+    nodes = page.evaluate("() => __t.nodes()")
     assert len(nodes) == len(workflow["nodes"])
     missing = [n["type"] for n in nodes if not n["registered"]]
     assert not missing, f"{path.name}: node types not registered in the frontend: {missing}"
-    saved = {n["id"]: n for n in workflow["nodes"]}
     for n in nodes:
         if n["type"] == TRAIN:
             assert "dev2pro_loss_chart" in n["widgets"], f"no loss chart on node {n['id']}"
         if n["type"] == COMPARE:
             assert "dev2pro_compare" in n["widgets"], f"no A/B widget on node {n['id']}"
-        if n["type"] in (TRAIN, COMPARE):
-            assert len([v for v in n["values"] if v is not None]) == len(saved[n["id"]].get("widgets_values", [])), \
-                f"node {n['id']}: our widget changed what the workflow saves"
+    changed = changed_saved_values(nodes, workflow, (TRAIN, COMPARE))
+    assert not changed, f"{path.name}: our widget changed what the workflow saves on nodes {changed}"
     page.screenshot(path=str(artifacts / f"workflow_{path.stem}.png"))
 
 
@@ -176,39 +119,28 @@ def test_shipped_workflow_opens_with_no_missing_node_and_our_widgets(comfy, comf
 def ab_live(comfy, comfy_page, artifacts):
     """The A/B example queued from the page (shrunk to the test models), watched while it runs."""
     page = comfy_page
-    workflow = json.loads((EXAMPLES / f"{AB}.json").read_text())
-    load_workflow(page, workflow)
-    prompt = for_small_models(ui_to_api(workflow, comfy.object_info()), Models.flux, Models.dev2pro,
-                              Models.clip_l, Models.vae, **{**SMOKE_TRAIN, "steps": STEPS})
-    trains = nodes_of(prompt, TRAIN)
-    compare = nodes_of(prompt, COMPARE)[0]
-    for key in trains:
+    workflow = read_ab_workflow()
+    load(page, workflow)
+    prompt = small_prompt(comfy, workflow, STEPS)
+    first, second = (int(k) for k in nodes_of(prompt, TRAIN))
+    for key in nodes_of(prompt, TRAIN):
         if prompt[key]["inputs"]["name"] == "ab/dev":
             prompt[key]["inputs"]["guidance"] = 3.5
-    first, second = sorted(trains, key=lambda k: int(k))
-    page.evaluate("(id) => __t.focus(id)", int(first))
-    prompt_id = page.evaluate("""async (prompt) => {
-        const wf = __t.app.rootGraph.serialize();
-        return (await __t.api.queuePrompt(0, { output: prompt, workflow: wf })).prompt_id;
-    }""", prompt)
-    samples, shot_mid = [], None
-    started = time.monotonic()
-    deadline = started + RUN_TIMEOUT
-    while time.monotonic() < deadline:
-        s = page.evaluate("(ids) => ids.map(id => __t.chart(id))", [int(first), int(second)])
-        samples.append((time.monotonic() - started, s))
-        a = s[0]
-        if shot_mid is None and a["state"] == "running" and 0 < a["points"] < STEPS:
+    page.evaluate("(id) => __t.focus(id)", first)
+    shot_mid = None
+
+    def sample():
+        nonlocal shot_mid
+        s = page.evaluate("(ids) => ids.map(id => __t.chart(id))", [first, second])
+        if shot_mid is None and s[0]["state"] == "running" and 0 < s[0]["points"] < STEPS:
             shot_mid = artifacts / "loss_chart_running.png"
-            node_shot(page, shot_mid, int(first))
-        entry = comfy.history(prompt_id)
-        if entry and entry.get("status", {}).get("completed") is not None:
-            break
-        time.sleep(0.15)
-    entry = comfy.wait(prompt_id, timeout=max(1, deadline - time.monotonic()))
+            node_shot(page, shot_mid, first)
+        return s
+
+    prompt_id, entry, samples = queue_and_watch(page, comfy, prompt, sample, interval=0.15)
     page.wait_for_timeout(500)
-    return {"prompt": prompt, "id": prompt_id, "entry": entry, "samples": samples, "first": int(first),
-            "second": int(second), "compare": int(compare), "shot_mid": shot_mid}
+    return {"prompt": prompt, "id": prompt_id, "entry": entry, "samples": samples, "first": first,
+            "second": second, "compare": int(nodes_of(prompt, COMPARE)[0]), "shot_mid": shot_mid}
 
 
 def _overlap(a: dict, b: dict) -> bool:
@@ -229,7 +161,7 @@ def assert_preview_clear_of_widget(page, node: int):
 
 def test_loss_chart_gains_points_while_the_run_trains(comfy_page, ab_live, artifacts):
     page = comfy_page
-    first = [s[0] for _, s in ab_live["samples"]]
+    first = [s[0] for s in ab_live["samples"]]
     running = [c for c in first if c["state"] == "running"]
     assert running, f"the chart never showed a running run: {first[-3:]}"
     counts = [c["points"] for c in running]
@@ -265,20 +197,15 @@ def test_compare_widget_shows_two_labelled_images_and_the_split_follows_a_drag(c
     node_shot(page, artifacts / "compare_widget.png", node)
     assert_preview_clear_of_widget(page, node)
 
-    box = page.evaluate("(id) => __t.elementRect(id, 'dev2pro_compare', '.dev2pro-compare-frame')", node)
+    box = page.evaluate("(id) => __t.compare(id).frame", node)
     assert box and box["width"] > 50 and box["height"] > 50, box
-    y = box["y"] + box["height"] / 2
-    page.mouse.move(box["x"] + box["width"] * 0.5, y)
-    page.mouse.down()
-    page.mouse.move(box["x"] + box["width"] * 0.7, y, steps=4)
-    page.mouse.move(box["x"] + box["width"] * 0.2, y, steps=6)
-    page.mouse.up()
+    before = page.evaluate("(id) => __t.node(id).pos.slice()", node)
+    drag(page, box, 0.7, 0.2)
     after = page.evaluate("(id) => __t.compare(id)", node)
     assert after["split"] == pytest.approx(0.2, abs=0.03), after
     assert after["clip"].replace("px", "").startswith("inset(0 8"), after["clip"]   # A shows on 20 %
-    moved = page.evaluate("(id) => __t.node(id).pos.slice()", node)
+    assert page.evaluate("(id) => __t.node(id).pos.slice()", node) == before, "the drag moved the node"
     node_shot(page, artifacts / "compare_widget_dragged.png", node)
-    assert moved == page.evaluate("(id) => __t.node(id).pos.slice()", node)
     assert_preview_clear_of_widget(page, node)
 
     page.locator(".dev2pro-compare .dev2pro-mode[data-mode=b]").click()
@@ -301,8 +228,8 @@ def _restored(page, ab_live):
         arg=[ab_live["first"], ab_live["second"], ab_live["compare"]], timeout=30_000)
     charts = page.evaluate("(ids) => ids.map(id => __t.chart(id))", [ab_live["first"], ab_live["second"]])
     for chart in charts:
-        assert chart["points"] == STEPS and chart["state"] == "done", chart
-    return charts
+        assert chart["points"] == STEPS and chart["state"] == "done" and chart["runs"] == 2, chart
+    return page.evaluate("(id) => __t.sessions(id)", ab_live["first"])
 
 
 def test_the_last_runs_survive_a_page_reload(comfy_page, ab_live, artifacts):
@@ -310,15 +237,16 @@ def test_the_last_runs_survive_a_page_reload(comfy_page, ab_live, artifacts):
     _reload(page)
     types = page.evaluate("() => __t.app.rootGraph.nodes.map(n => n.type)")
     assert TRAIN in types and COMPARE in types, "the frontend did not restore the A/B workflow"
-    charts = _restored(page, ab_live)
-    assert all(c["runs"] == 2 for c in charts)
+    sessions = _restored(page, ab_live)
+    assert sessions == [ab_live["id"]], f"not the run this page saw (from localStorage): {sessions}"
     page.evaluate("(id) => __t.focus(id)", ab_live["first"])
     node_shot(page, artifacts / "loss_chart_after_reload.png", ab_live["first"])
 
     # Another browser (nothing in localStorage): the runs come back from /history.
     page.evaluate("() => { for (const k of Object.keys(localStorage)) if (k.startsWith('dev2pro.')) localStorage.removeItem(k); }")
     _reload(page)
-    _restored(page, ab_live)
+    sessions = _restored(page, ab_live)
+    assert sessions == [f"h:{ab_live['id']}"], f"not read back from /history: {sessions}"
     page.wait_for_function("(id) => __t.compare(id)?.loadedA", arg=ab_live["compare"], timeout=30_000)
 
 
@@ -336,17 +264,15 @@ def test_without_our_scripts_the_nodes_still_work_as_plain_nodes(comfy, context,
         page.wait_for_timeout(1500)
         close_dialogs(page)
         assert page.evaluate("() => window.__dev2pro === undefined"), "the broken extension ran anyway"
-        workflow = json.loads((EXAMPLES / f"{AB}.json").read_text())
+        workflow = read_ab_workflow()
         load_workflow(page, workflow)
         close_dialogs(page)
-        nodes = page.evaluate("""() => __t.app.rootGraph.nodes.map(n => ({ id: n.id, type: n.type,
-            registered: !!LiteGraph.registered_node_types[n.type], widgets: (n.widgets ?? []).map(w => w.name),
-            values: n.serialize().widgets_values ?? [] }))""")
-        saved = {n["id"]: n for n in workflow["nodes"]}
+        nodes = page.evaluate("() => __t.nodes()")
         assert all(n["registered"] for n in nodes)
         for n in nodes:
             assert not any(w.startswith("dev2pro_") for w in n["widgets"])
-            assert len(n["values"]) == len(saved[n["id"]].get("widgets_values", [])), n["id"]
+        changed = changed_saved_values(nodes, workflow, {n["type"] for n in nodes})
+        assert not changed, f"saved values changed on nodes {changed}"
         page.screenshot(path=str(artifacts / "degraded_without_extension.png"))
     finally:
         page.close()

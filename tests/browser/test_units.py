@@ -14,6 +14,8 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
+from .helpers import drag
+
 REPO = Path(__file__).resolve().parents[2]
 PAGE = """<!doctype html><html><head><meta charset="utf-8"><link rel="icon" href="data:,"><style>
 #chart { width: 480px; height: 220px; display: block; }
@@ -154,12 +156,8 @@ def test_compare_view_split_drags_toggles_and_moves_between_prompts(page, artifa
 
     box = page.locator(".dev2pro-compare-frame").bounding_box()
     assert box["width"] / box["height"] == pytest.approx(256 / 192, rel=0.02), "aspect not kept"
+    drag(page, box, 0.6, 0.25)
     y = box["y"] + box["height"] / 2
-    page.mouse.move(box["x"] + box["width"] * 0.5, y)
-    page.mouse.down()
-    page.mouse.move(box["x"] + box["width"] * 0.6, y, steps=3)
-    page.mouse.move(box["x"] + box["width"] * 0.25, y, steps=5)
-    page.mouse.up()
     assert float(root.get_attribute("data-split")) == pytest.approx(0.25, abs=0.02)
     shot = page.screenshot()
     assert _near(_pixel(shot, box["x"] + box["width"] * 0.1, y + 20), (200, 30, 30)), "A not left of the split"
