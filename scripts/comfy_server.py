@@ -95,6 +95,16 @@ class ComfyServer:
         self.log_path = self.base_dir / "comfyui.log"
         self.process: subprocess.Popen | None = None
         self.events: EventListener | None = None
+        self.owns_process = True
+
+    @classmethod
+    def attach(cls, url: str) -> "ComfyServer":
+        """A ComfyUI someone else runs (e.g. with the real models): the HTTP API only;
+        nothing is started or stopped, and no folder of it is known here."""
+        server = cls.__new__(cls)
+        server.url, server.client_id = url.rstrip("/"), uuid.uuid4().hex
+        server.process, server.events, server.owns_process = None, None, False
+        return server
 
     # Folders of the throwaway base directory.
     @property
@@ -243,7 +253,7 @@ class ComfyServer:
                                                f"{interrupted[0].get('node_id')} ({interrupted[0].get('node_type')})")
                     raise ComfyError(describe_failure(entry))
                 return entry
-            if self.process is None or self.process.poll() is not None:
+            if self.owns_process and (self.process is None or self.process.poll() is not None):
                 raise ComfyError(f"ComfyUI died while running {prompt_id}. Log tail:\n{self.log_tail()}")
             time.sleep(poll)
         self.interrupt()

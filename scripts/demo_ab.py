@@ -109,32 +109,6 @@ def run_ab(server, prompt: dict, workflow: dict, out: Path, timeout: float) -> l
     return written
 
 
-class RemoteServer:
-    """The bits of ComfyServer (scripts/comfy_server.py) this script needs, for a running ComfyUI."""
-
-    def __init__(self, url: str):
-        from scripts.comfy_server import ComfyServer
-
-        self.url = url.rstrip("/")
-        self._impl = ComfyServer.__new__(ComfyServer)
-        self._impl.url, self._impl.client_id, self._impl.process = self.url, "dev2pro-demo", True
-
-    def __getattr__(self, name):
-        return getattr(self._impl, name)
-
-    def wait(self, prompt_id, timeout):
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            entry = self._impl.history(prompt_id)
-            if entry and entry.get("status", {}).get("status_str") in ("success", "error"):
-                if entry["status"]["status_str"] == "error":
-                    from scripts.comfy_server import ComfyError, describe_failure
-                    raise ComfyError(describe_failure(entry))
-                return entry
-            time.sleep(2)
-        raise TimeoutError(f"prompt {prompt_id} did not finish within {timeout:.0f} s")
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--url", help="a running ComfyUI with the real models and this pack installed")
@@ -142,11 +116,12 @@ def main(argv=None) -> int:
     parser.add_argument("--timeout", type=float, default=6 * 3600)
     args = parser.parse_args(argv)
 
+    from scripts.comfy_server import ComfyServer
     from scripts.workflow_format import ui_to_api
 
     workflow = json.loads(AB_WORKFLOW.read_text())
     if args.url:
-        server = RemoteServer(args.url)
+        server = ComfyServer.attach(args.url)
         prompt = ui_to_api(workflow, server.object_info())
         written = run_ab(server, prompt, workflow, args.out, args.timeout)
     else:

@@ -14,7 +14,6 @@ UI-format JSON from a short description, with widget values ordered the same way
 
 from __future__ import annotations
 
-import copy
 import uuid
 from dataclasses import dataclass, field
 
@@ -151,12 +150,3 @@ def build_ui_workflow(nodes: list[Node], object_info: dict, *, column_width: int
             "revision": 0, "last_node_id": len(nodes), "last_link_id": len(link_rows),
             "nodes": ui_nodes, "links": link_rows, "groups": [], "config": {},
             "extra": {"ds": {"scale": 0.8, "offset": [0, 0]}}, "version": 0.4}
-
-
-def substitute(prompt: dict, class_type: str, **values) -> dict:
-    """A copy of an API prompt with `values` set on every node of `class_type`."""
-    prompt = copy.deepcopy(prompt)
-    for node in prompt.values():
-        if node["class_type"] == class_type:
-            node["inputs"].update(values)
-    return prompt
