@@ -207,10 +207,8 @@ def run_config(cfg: dict) -> dict:
             resident = (plan or planned()).resident_bytes
         offloader = offload.install(model, device, prefer=offload_kind, resident_bytes=resident)
     if cfg.get("compile"):
-        import torch._dynamo
-        torch._dynamo.config.cache_size_limit = max(64, torch._dynamo.config.cache_size_limit)
-        for block in (*model.double_blocks, *model.single_blocks):
-            block.compile()
+        from fluxtrain.placement import compile_blocks
+        compile_blocks(model)
     n_fp8 = fp8.enable_fp8_compute(model, device, enabled=cfg["compute"] == "fp8",
                                    backward=cfg.get("fp8_backward", True),
                                    keep_transposed=bool(cfg.get("fp8_keep_transposed")))

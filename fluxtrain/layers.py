@@ -27,24 +27,27 @@ def materialize_weight(weight: torch.Tensor, scale: torch.Tensor | None,
 
 
 class _FrozenLinearFn(torch.autograd.Function):
-    """y = x @ W.T + b for a frozen W. Keeps no copy of the weight in the graph:
-    backward fetches the *stored* weight again (float8 stays float8; an offloaded
-    weight is faulted in again) and casts again."""
+    """y = x @ W.T + b for a frozen W. Saves the weight it computed with (the stored
+    weight, float8 stays float8, so nothing is copied) and casts again in backward.
+    Inside a checkpointed block the saved weight lives only while that block is
+    recomputed and differentiated: this is what lets an offloaded weight be brought
+    in twice per step (forward, recompute), not three times."""
 
     @staticmethod
     def forward(ctx, x, layer, bias):
         weight, scale = layer.fetch_weight()
         ctx.layer = layer
+        ctx.save_for_backward(weight)
         return layer.base_matmul(x, weight, scale, bias)
 
     @staticmethod
     def backward(ctx, grad_out):
         layer = ctx.layer
-        weight, scale = layer.fetch_weight()
+        (weight,) = ctx.saved_tensors
         if layer.fp8_backward:
             return fp8.grad_input_fp8(grad_out, weight, layer.fp8_weight_scale, grad_out.dtype,
                                       weight_column_major=layer.fp8_weight_t), None, None
-        return grad_out @ materialize_weight(weight, scale, grad_out.dtype), None, None
+        return grad_out @ materialize_weight(weight, layer.weight_scale, grad_out.dtype), None, None
 
 
 class FrozenLinear(nn.Module):
@@ -71,14 +74,18 @@ class FrozenLinear(nn.Module):
         self.fp8_backward = False
         self.fp8_weight_scale: torch.Tensor | None = None
         self.fp8_weight_t: torch.Tensor | None = None   # kept column-major copy (fast mode)
-        # Where the weight comes from when it is not resident (fluxtrain.offload).
+        # Offloaded layers (fluxtrain.offload): `weight` stays in host memory and the
+        # offloader places a fresh device copy here while the layer's block runs.
         self.weight_source = None
+        self.staged_weight: torch.Tensor | None = None
 
     def fetch_weight(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(stored weight on the compute device, its scale). Offloaded layers get
-        a fresh device copy that nothing else references."""
+        """(stored weight on the compute device, its scale)."""
+        if self.staged_weight is not None:
+            return self.staged_weight, self.weight_scale
         if self.weight_source is not None:
-            return self.weight_source.fetch(self)
+            raise RuntimeError(f"{self!r} is offloaded but ran outside its block's staging: "
+                               "offloaded layers only run inside their transformer block")
         return self.weight, self.weight_scale
 
     def base_matmul(self, x, weight, scale, bias):

@@ -1,15 +1,18 @@
-"""Frozen base weights in host memory, brought into VRAM layer by layer.
+"""Frozen base weights in host memory, brought into VRAM block by block.
 
 For cards that cannot hold the 12 GB float8 base next to the activations. Every
 FrozenLinear inside the transformer blocks gets its weight moved to pinned host
-memory and a `weight_source` (this module) that hands the layer a fresh device
-copy each time it computes: in forward, in the backward recompute of a
-checkpointed block, and in backward itself (FrozenLinear never keeps a weight in
-the autograd graph, so nothing pins VRAM between forward and backward). Biases,
-norm scales, the edge layers, LoRA parameters, optimizer state and activations
-stay in ordinary device memory.
+memory. Around each run of a block (its forward, and its recompute in backward:
+offloading needs every block checkpointed) a forward pre-hook stages a fresh device
+copy of each of its weights in `layer.staged_weight`, and the forward hook drops
+those references again. Backward uses the weights saved by the recompute, so each
+weight is brought in twice per step, and only one block's weights are held while
+that block is differentiated. Staging happens outside the layers' arithmetic: in
+compiled blocks the weight is a plain tensor input, not a graph break per layer.
+Biases, norm scales, the edge layers, LoRA parameters, optimizer state and
+activations stay in ordinary device memory.
 
-Two backends, same contract (`fetch(layer) -> (fresh device weight, scale)`):
+Two backends, same contract (`_fetch(layer) -> fresh device weight`):
 
 - **aimdo** (comfy-aimdo, when `control.init_device` says the device is usable):
   each weight gets a slice of a VBAR. `fault()` maps VRAM under it; while the
@@ -21,9 +24,12 @@ Two backends, same contract (`fetch(layer) -> (fresh device weight, scale)`):
   outlives its unpin (autograd keeping one would be an illegal memory access).
   Weights whose fault finds no room are streamed like the fallback does.
 - **pinned** (fallback: no CUDA, no aimdo, or `init_devices` failed; said once):
-  copies from pinned host memory on a side stream, prefetching the next layers
-  in the order they were used last step (forward, recompute and backward orders
-  differ; the order is learnt during the first step and replayed after).
+  copies from pinned host memory.
+
+Streamed weights are prefetched on a side stream, in the order they were staged
+last step (forward, then recompute in reverse; learnt during the first step), up to
+`prefetch_bytes` ahead and across the end of the step into the next one, so the copy
+engine works while the previous blocks compute.
 
 comfy-aimdo facts this follows (DESIGN.md): `control.init()` before importing its
 other modules; `init()` returns True even without a GPU, so only
@@ -39,6 +45,7 @@ import torch
 from torch import nn
 
 from .layers import FrozenLinear
+from .memory import OFFLOAD_PREFETCH_BYTES as PREFETCH_BYTES
 
 log = logging.getLogger(__name__)
 
@@ -113,6 +120,10 @@ def offload_targets(model: nn.Module) -> list[tuple[str, FrozenLinear]]:
                                                  or n.startswith("single_blocks."))]
 
 
+def model_blocks(model: nn.Module) -> list[nn.Module]:
+    return [*model.double_blocks, *model.single_blocks]
+
+
 class _Entry:
     __slots__ = ("name", "host", "shape", "dtype", "nbytes", "alloc", "sig", "resident", "in_vbar")
 
@@ -127,11 +138,13 @@ class _Entry:
 class Offloader:
     """The weight source of offloaded layers. Build it with `install()`."""
 
-    def __init__(self, device, backend: str, prefetch_depth: int = 3):
+    def __init__(self, device, backend: str, prefetch_bytes: int = PREFETCH_BYTES):
         self.device = torch.device(device)
-        self.backend = backend                    # "aimdo" | "pinned" | "resident"
-        self.prefetch_depth = prefetch_depth
+        self.backend = backend                    # "aimdo" | "pinned"
+        self.prefetch_bytes = prefetch_bytes
         self.entries: dict[int, _Entry] = {}
+        self.block_layers: dict[int, list[FrozenLinear]] = {}
+        self.staged: list[FrozenLinear] = []     # the layers of the block now staged
         self.vbar = None
         self.order: list[int] = []                # layer ids in last step's fetch order
         self.recording: list[int] = []
@@ -141,26 +154,44 @@ class Offloader:
         self.counters = dict(fetches=0, vbar_hits=0, vbar_refills=0, vbar_no_room=0,
                              streamed=0, streamed_bytes=0, prefetched=0, resident_hits=0)
 
-    # ------------------------------------------------------------ contract with FrozenLinear
+    # ------------------------------------------------------------ block hooks
     @torch.compiler.disable
-    def fetch(self, layer: FrozenLinear):
+    def stage(self, block: nn.Module, args) -> None:
+        """Forward pre-hook of a block: a fresh device copy of each of its weights."""
+        self._drop_staged()
+        self.staged = self.block_layers[id(block)]
+        for layer in self.staged:
+            layer.staged_weight = self._fetch(layer)
+        self._prefetch_ahead()
+
+    @torch.compiler.disable
+    def unstage(self, block: nn.Module, args, output) -> None:
+        """Forward hook: drop the block's copies (what autograd saved stays with it)."""
+        self._drop_staged()
+
+    def _drop_staged(self) -> None:
+        # Also run by the next stage(): a recompute that checkpoint stops early (once it
+        # has every tensor backward needs) never reaches the forward hook.
+        for layer in self.staged:
+            layer.staged_weight = None
+        self.staged = []
+
+    def _fetch(self, layer: FrozenLinear) -> torch.Tensor:
         key = id(layer)
         e = self.entries[key]
         self.counters["fetches"] += 1
-        self._note_order(key)
+        self.recording.append(key)
+        self.pos += 1
         if e.resident is not None:                    # kept in ordinary VRAM by the plan
             self.counters["resident_hits"] += 1
-            w = e.resident
-        elif self.vbar is not None and e.alloc is not None:
-            w = self._fetch_vbar(e)
-        else:
-            w = None
+            return e.resident
+        w = self._fetch_vbar(e, key) if self.vbar is not None else None
         if w is None:
-            w = self._fetch_streamed(e, key)
-        self._prefetch_ahead()
-        return w, layer.weight_scale
+            return self._fetch_streamed(e, key)
+        self.inflight.pop(key, None)      # streamed last step, in the VBAR now: not needed
+        return w
 
-    def _fetch_vbar(self, e: _Entry):
+    def _fetch_vbar(self, e: _Entry, key: int):
         from comfy_aimdo import model_vbar
         from comfy_aimdo.torch import aimdo_to_tensor
 
@@ -172,7 +203,10 @@ class Offloader:
         try:
             view = aimdo_to_tensor(e.alloc, self.device)[:e.nbytes].view(e.dtype).view(e.shape)
             if not model_vbar.vbar_signature_compare(sig, e.sig):
-                view.copy_(e.host, non_blocking=True)     # page refilled: bytes are garbage
+                # The page was refilled: its bytes are garbage. Refill from the prefetched
+                # copy when there is one (streamed last step), else from host memory.
+                src = self._take_prefetched(key)
+                view.copy_(e.host if src is None else src, non_blocking=True)
                 e.sig = sig
                 self.counters["vbar_refills"] += 1
             else:
@@ -184,59 +218,71 @@ class Offloader:
         return w
 
     def _fetch_streamed(self, e: _Entry, key: int):
-        got = self.inflight.pop(key, None)
         self.counters["streamed"] += 1
         self.counters["streamed_bytes"] += e.nbytes
-        if got is not None:
-            w, ready = got
-            torch.cuda.current_stream(self.device).wait_event(ready)
-            w.record_stream(torch.cuda.current_stream(self.device))
-            self.counters["prefetched"] += 1
-            return w
-        return e.host.to(self.device, non_blocking=True)
+        w = self._take_prefetched(key)
+        return w if w is not None else e.host.to(self.device, non_blocking=True)
+
+    def _take_prefetched(self, key: int) -> torch.Tensor | None:
+        """The side stream's copy of this weight, made safe to use on the compute stream."""
+        got = self.inflight.pop(key, None)
+        if got is None:
+            return None
+        w, ready = got
+        stream = torch.cuda.current_stream(self.device)
+        stream.wait_event(ready)
+        w.record_stream(stream)
+        self.counters["prefetched"] += 1
+        return w
 
     # ------------------------------------------------------------ prefetch in learnt order
-    def _note_order(self, key: int) -> None:
-        self.recording.append(key)
-        self.pos += 1
-
     def step_begins(self) -> None:
         """Called at the start of each model forward: last step's order becomes the
         prediction for this one."""
         if self.recording:
+            if self.recording != self.order:      # a different step: its prefetches are stale
+                self.inflight.clear()
             self.order = self.recording
         self.recording = []
         self.pos = 0
-        self.inflight.clear()
 
     def _streams_from_host(self, key: int) -> bool:
-        e = self.entries.get(key)
-        if e is None or e.resident is not None:
-            return False
-        # VBAR-backed weights that found room last time do not need the copy engine.
-        return not e.in_vbar
+        e = self.entries[key]
+        # Resident weights, and VBAR-backed ones that found room last time, need no copy.
+        return e.resident is None and not e.in_vbar
+
+    def prefetch_plan(self) -> list[int]:
+        """The layers to copy now: the next streamed ones of the learnt order, until
+        `prefetch_bytes` are in flight; past the end of the step, the next step's first."""
+        n = len(self.order)
+        ahead = sum(self.entries[k].nbytes for k in self.inflight)
+        keys = []
+        for k in range(self.pos, self.pos + n):
+            if ahead >= self.prefetch_bytes:
+                break
+            key = self.order[k % n]
+            if key in self.inflight or key in keys or not self._streams_from_host(key):
+                continue
+            keys.append(key)
+            ahead += self.entries[key].nbytes
+        return keys
 
     def _prefetch_ahead(self) -> None:
-        if self.side is None or not self.order:
+        if self.side is None:
             return
-        n = len(self.order)
-        for k in range(self.pos, min(self.pos + self.prefetch_depth, n)):
-            key = self.order[k]
-            if key in self.inflight or not self._streams_from_host(key):
-                continue
-            e = self.entries[key]
+        for key in self.prefetch_plan():
             with torch.cuda.stream(self.side):
-                w = e.host.to(self.device, non_blocking=True)
-                ev = torch.cuda.Event()
-                ev.record(self.side)
-            self.inflight[key] = (w, ev)
+                w = self.entries[key].host.to(self.device, non_blocking=True)
+                ready = torch.cuda.Event()
+                ready.record(self.side)
+            self.inflight[key] = (w, ready)
 
     # ------------------------------------------------------------ bookkeeping
     def stats(self) -> dict:
         total = sum(e.nbytes for e in self.entries.values())
         resident = sum(e.nbytes for e in self.entries.values() if e.resident is not None)
         out = dict(backend=self.backend, layers=len(self.entries), offloaded_bytes=total,
-                   resident_bytes=resident, **self.counters)
+                   resident_bytes=resident, prefetch_bytes=self.prefetch_bytes, **self.counters)
         if self.vbar is not None:
             out["vbar_loaded_bytes"] = int(self.vbar.loaded_size())
         if not aimdo_usable():
@@ -244,6 +290,7 @@ class Offloader:
         return out
 
     def close(self) -> None:
+        self._drop_staged()
         self.inflight.clear()
         if self.vbar is not None:
             self.vbar.close()
@@ -251,17 +298,26 @@ class Offloader:
 
 
 def install(model: nn.Module, device, prefer: str = "aimdo", resident_bytes: int | None = None,
-            prefetch_depth: int = 3) -> Offloader:
-    """Offload the block weights of `model` to pinned host memory and move everything
-    else to `device`. `prefer` "aimdo" uses comfy-aimdo when it initialises (else the
-    pinned fallback, said once); "pinned" forces the fallback. `resident_bytes` keeps
-    that many bytes of weights in ordinary VRAM (pinned backend) or caps the VBAR's
-    resident set (aimdo backend); None lets aimdo use whatever VRAM is free."""
+            prefetch_bytes: int = PREFETCH_BYTES) -> Offloader:
+    """Offload the block weights of `model` (a Flux with every block checkpointed) to
+    pinned host memory and move everything else to `device`. `prefer` "aimdo" uses
+    comfy-aimdo when it initialises (else the pinned fallback, said once); "pinned"
+    forces the fallback. `resident_bytes` keeps that many bytes of weights in ordinary
+    VRAM (pinned backend) or caps the VBAR's resident set (aimdo backend); None lets
+    aimdo use whatever VRAM is free."""
+    if (model.checkpointed_double, model.checkpointed_single) != (
+            len(model.double_blocks), len(model.single_blocks)):
+        raise ValueError(
+            f"offloading needs every block checkpointed (it streams each block's weights in for "
+            f"its forward and its recompute), but {model.checkpointed_double} of "
+            f"{len(model.double_blocks)} double and {model.checkpointed_single} of "
+            f"{len(model.single_blocks)} single blocks are: call model.set_checkpointing("
+            f"{len(model.double_blocks)}, {len(model.single_blocks)}) first")
     device = torch.device(device)
     backend, reason = choose_backend(device, prefer)
     if backend != "aimdo" and prefer == "aimdo":
         _say_fallback(reason)
-    off = Offloader(device, backend, prefetch_depth)
+    off = Offloader(device, backend, prefetch_bytes)
     targets = offload_targets(model)
     target_weights = {id(layer.weight) for _, layer in targets}
     # Everything that is not an offloaded weight goes to the device.
@@ -286,6 +342,10 @@ def install(model: nn.Module, device, prefer: str = "aimdo", resident_bytes: int
         layer.weight.data = host
         layer.weight_source = off
         off.entries[id(layer)] = e
+    for block in model_blocks(model):
+        off.block_layers[id(block)] = [m for m in block.modules() if id(m) in off.entries]
+        block.register_forward_pre_hook(off.stage)
+        block.register_forward_hook(off.unstage)
     total = sum(e.nbytes for e in off.entries.values())
     if backend == "aimdo":
         from comfy_aimdo import model_vbar
@@ -301,4 +361,3 @@ def install(model: nn.Module, device, prefer: str = "aimdo", resident_bytes: int
     log.info("fluxtrain offload: %d layers, %.1f GiB in host memory, backend %s", len(targets),
              total / 2**30, backend)
     return off
-

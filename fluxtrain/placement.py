@@ -157,13 +157,20 @@ def load_base_for_training(source, config, dataset, device,
         description += (f", float8 matmuls in {layers} layers" + (" (transposed weights kept)" if keep else "")
                         if layers else ", float8 compute unavailable here")
     if config.compile_blocks and device.type == "cuda":
-        from torch import _dynamo    # 57 blocks share one forward: let each keep its compiled graph
-        _dynamo.config.cache_size_limit = max(64, _dynamo.config.cache_size_limit)
-        for block in (*model.double_blocks, *model.single_blocks):
-            block.compile()
+        compile_blocks(model)
         description += ", compiled blocks"
     log(f"[fluxtrain] {description}")
     return Placement(model, info, plan, description, offloader)
+
+
+def compile_blocks(model: Flux, backend: str = "inductor") -> None:
+    """torch.compile every transformer block (the edge layers stay eager). Offloaded
+    blocks compile the same way: their weights are staged by hooks before the block
+    runs, so inside the compiled graph they are plain tensor inputs."""
+    from torch import _dynamo    # 57 blocks share one forward: let each keep its compiled graph
+    _dynamo.config.cache_size_limit = max(64, _dynamo.config.cache_size_limit)
+    for block in (*model.double_blocks, *model.single_blocks):
+        block.compile(backend=backend)
 
 
 def _no_shared_offload(name: str, why: str) -> str:

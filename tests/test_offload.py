@@ -1,10 +1,13 @@
 """Offloading frozen weights to host memory (fluxtrain.offload), on the CPU:
 backend choice and the once-only fallback message, equality of outputs and LoRA
-gradients with the resident model, that autograd keeps no weight, and the learnt
-prefetch order. The aimdo path itself needs CUDA and runs in the benchmark."""
+gradients with the resident model (eager and with compiled blocks), how long staged
+weight copies live, the learnt prefetch order and what gets prefetched. The aimdo
+path itself needs CUDA and runs in the benchmark."""
 
 import copy
+import gc
 import logging
+import weakref
 
 import pytest
 import torch
@@ -23,9 +26,11 @@ def fresh_offload_state(monkeypatch):
 
 @pytest.fixture
 def model_and_inputs(tiny_sd):
+    """A TINY Flux with LoRA, every block checkpointed (what offloading needs)."""
     model = Flux(TINY)
     model.load_state_dict(tiny_sd)
     model.requires_grad_(False)
+    model.set_checkpointing(TINY.depth, TINY.depth_single_blocks)
     adapters = attach_lora(model, LoRAConfig(rank=4), seed=0)
     g = torch.Generator().manual_seed(3)
     with torch.no_grad():
@@ -83,53 +88,101 @@ def test_failed_init_device_is_the_test_of_usability(monkeypatch):
     assert offload.choose_backend("cpu")[0] == "pinned"
 
 
-@pytest.mark.parametrize("checkpointing", [False, True])
-def test_offloaded_model_has_the_same_outputs_and_lora_grads(model_and_inputs, checkpointing):
+def test_offloading_needs_every_block_checkpointed(model_and_inputs):
+    model, _ = model_and_inputs
+    model.set_checkpointing(TINY.depth, 0)
+    with pytest.raises(ValueError, match=r"every block checkpointed.*set_checkpointing\(2, 2\)"):
+        offload.install(model, "cpu")
+
+
+def test_offloaded_model_has_the_same_outputs_and_lora_grads(model_and_inputs):
     model, inputs = model_and_inputs
-    if checkpointing:
-        model.set_checkpointing(TINY.depth, TINY.depth_single_blocks)
-    ref_out, ref_grads = out_and_grads(model, inputs)
-    off_model = copy.deepcopy(model)
-    off = offload.install(off_model, "cpu")
+    resident = copy.deepcopy(model)
+    resident.set_checkpointing(0, 0)
+    ref_out, ref_grads = out_and_grads(resident, inputs)
+    off = offload.install(model, "cpu")
     n = len(off.entries)
-    assert n == len(offload.offload_targets(off_model)) > 0
-    out, grads = out_and_grads(off_model, inputs)
+    assert n == len(offload.offload_targets(model)) > 0
+    out, grads = out_and_grads(model, inputs)
     assert torch.equal(out, ref_out)
     assert grads.keys() == ref_grads.keys() and len(grads) > 0
     for k in grads:
         assert torch.equal(grads[k], ref_grads[k]), k
-    # forward fetches every weight, backward those whose input needs a gradient (not the
-    # modulations of the time vector), and a checkpointed block fetches again to recompute
-    needs_grad_in = n - 2 * TINY.depth - TINY.depth_single_blocks
-    assert off.counters["fetches"] == n + needs_grad_in + (n if checkpointing else 0)
+    # each weight is brought in for the forward and for the recompute, never for backward
+    assert off.counters["fetches"] == 2 * n
 
 
-def test_autograd_keeps_no_offloaded_weight(model_and_inputs):
+def test_compiled_offloaded_blocks_match_eager_and_compile_like_resident_ones(model_and_inputs):
+    """Staged weights are plain tensor inputs of the compiled blocks: no graph break per
+    layer, no recompile when the next step stages fresh copies, the same gradients."""
+    from torch._dynamo.utils import counters
+
+    from fluxtrain.placement import compile_blocks
+
+    model, inputs = model_and_inputs
+    ref_out, ref_grads = out_and_grads(copy.deepcopy(model), inputs)
+
+    def compiled_graphs(m, steps=2):
+        torch._dynamo.reset()
+        counters.clear()
+        compile_blocks(m, backend="aot_eager")
+        graphs = []
+        for _ in range(steps):
+            out, grads = out_and_grads(m, inputs)
+            torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-6)
+            for k in ref_grads:
+                torch.testing.assert_close(grads[k], ref_grads[k], rtol=1e-4, atol=1e-6, msg=k)
+            graphs.append(counters["stats"]["unique_graphs"])
+        breaks = dict(counters["graph_break"])
+        torch._dynamo.reset()
+        return graphs, breaks
+
+    resident_graphs, resident_breaks = compiled_graphs(copy.deepcopy(model), steps=1)
+    offload.install(model, "cpu")
+    graphs, breaks = compiled_graphs(model)
+    assert breaks == resident_breaks == {}
+    # all blocks of a kind share one graph (their weights are inputs); the first double
+    # block has one more (its inputs need no gradient); the second step compiles nothing
+    assert graphs == [resident_graphs[0]] * 2 and resident_graphs[0] <= 3
+
+
+def test_staged_copies_live_only_while_their_block_runs_or_is_differentiated(model_and_inputs,
+                                                                            monkeypatch):
+    """On a GPU every fetch is a fresh device copy; here copies stand in for them, and
+    weak references show which ones are alive."""
     model, inputs = model_and_inputs
     off = offload.install(model, "cpu")
-    fetched = set()
-    real_fetch = off.fetch
+    alive = []
+    monkeypatch.setattr(off, "_fetch_streamed", lambda e, key: track(e.host.clone()))
 
-    def spy(layer):
-        w, s = real_fetch(layer)
-        fetched.add(w.untyped_storage().data_ptr())
-        return w, s
-    off.fetch = spy
-    saved = []
+    def track(w):
+        alive.append(weakref.ref(w))
+        return w
 
-    def pack(t):
-        saved.append(t.untyped_storage().data_ptr())
-        return t
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = model(**inputs)
-    assert fetched and saved
-    assert not fetched & set(saved), "a fetched weight was saved for backward"
+    def n_alive():
+        gc.collect()
+        return sum(r() is not None for r in alive)
+
+    per_block = max(len(v) for v in off.block_layers.values())
+    during = []
+    real_stage = off.stage
+
+    def stage(block, args):
+        real_stage(block, args)
+        during.append(n_alive())
+    for block in offload.model_blocks(model):      # the hooks hold the bound method
+        block._forward_pre_hooks.clear()
+        block.register_forward_pre_hook(stage)
+    out = model(**inputs)
+    assert len(alive) == len(off.entries) and n_alive() == 0, \
+        "autograd kept a weight copy from forward to backward"
     out.square().mean().backward()
+    assert len(alive) == 2 * len(off.entries)
+    assert max(during) <= per_block, "more than one block's weights were held at once"
 
 
 def test_prefetch_order_is_learnt_from_the_previous_step(model_and_inputs):
     model, inputs = model_and_inputs
-    model.set_checkpointing(TINY.depth, TINY.depth_single_blocks)
     off = offload.install(model, "cpu")
     out_and_grads(model, inputs)
     first = list(off.recording)
@@ -137,6 +190,31 @@ def test_prefetch_order_is_learnt_from_the_previous_step(model_and_inputs):
     assert off.order == first
     assert off.recording == first, "the same step must fetch in the same order"
     layers = {id(m): m for _, m in offload.offload_targets(model)}
-    # forward order starts with the first double block's layers, backward ends with them
+    # forward order starts with the first double block's layers, the recompute in
+    # backward ends with them
     assert layers[first[0]] is model.double_blocks[0].img_mod.lin
     assert any(layers[first[-1]] is m for m in model.double_blocks[0].modules())
+
+
+def test_prefetch_plan_fills_the_byte_budget_skips_resident_weights_and_wraps_around(
+        model_and_inputs):
+    model, inputs = model_and_inputs
+    off = offload.install(model, "cpu")
+    out_and_grads(model, inputs)
+    out_and_grads(model, inputs)
+    order, entries = off.order, off.entries
+    size = entries[order[0]].nbytes
+    resident = order[1]
+    entries[resident].resident = entries[resident].host
+    off.prefetch_bytes = 3 * size
+    off.pos = 0
+    plan = off.prefetch_plan()
+    assert plan[0] == order[0] and resident not in plan
+    assert sum(entries[k].nbytes for k in plan) >= off.prefetch_bytes
+    assert sum(entries[k].nbytes for k in plan[:-1]) < off.prefetch_bytes
+    off.pos = len(order) - 1          # the last fetch of the step: the next step's first follow
+    plan = off.prefetch_plan()
+    assert plan[:2] == [order[-1], order[0]]
+    off.inflight = {k: None for k in plan}
+    off.pos = 0
+    assert not set(off.prefetch_plan()) & set(plan), "weights in flight are not copied again"
