@@ -27,23 +27,25 @@ def materialize_weight(weight: torch.Tensor, scale: torch.Tensor | None,
 
 
 class _FrozenLinearFn(torch.autograd.Function):
-    """y = x @ W.T + b for a frozen W. Saves the weight it computed with (the stored
-    weight, float8 stays float8, so nothing is copied) and casts again in backward.
-    Inside a checkpointed block the saved weight lives only while that block is
-    recomputed and differentiated: this is what lets an offloaded weight be brought
-    in twice per step (forward, recompute), not three times."""
+    """y = x @ W.T + b for a frozen W, keeping no cast copy of the weight in the graph.
+    A resident weight is read again in backward (it may be an inference tensor of the
+    model ComfyUI loaded, which autograd cannot save). An offloaded layer's staged copy
+    is saved instead: inside its checkpointed block it lives only while that block is
+    recomputed and differentiated, so the weight is brought in twice per step
+    (forward, recompute), not three times."""
 
     @staticmethod
     def forward(ctx, x, layer, bias):
         weight, scale = layer.fetch_weight()
         ctx.layer = layer
-        ctx.save_for_backward(weight)
+        ctx.save_for_backward(weight if layer.weight_source is not None else None)
         return layer.base_matmul(x, weight, scale, bias)
 
     @staticmethod
     def backward(ctx, grad_out):
         layer = ctx.layer
-        (weight,) = ctx.saved_tensors
+        (staged,) = ctx.saved_tensors
+        weight = layer.weight if staged is None else staged
         if layer.fp8_backward:
             return fp8.grad_input_fp8(grad_out, weight, layer.fp8_weight_scale, grad_out.dtype,
                                       weight_column_major=layer.fp8_weight_t), None, None

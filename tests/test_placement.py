@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -118,6 +120,24 @@ def test_base_from_a_shared_state_dict_references_its_tensors_and_trains(tiny_sd
     placed = load_base_for_training(path, config, data, "cpu", log=lambda _: None)
     from_file = train(placed.model, data, config, tmp_path / "file", log=lambda _: None)
     assert shared.losses == from_file.losses and len(shared.losses) == 3
+
+
+@pytest.mark.parametrize("memory", ["fast", "lean"])
+def test_a_shared_base_of_inference_tensors_trains_without_copying_its_linears(
+        tiny_sd, make_dataset, tmp_path, memory):
+    """ComfyUI loads its models under torch.inference_mode: autograd cannot save such
+    tensors, so the frozen Linear weights must be read again in backward, not saved."""
+    data = make_dataset(tmp_path / "data")
+    with torch.inference_mode():
+        sd = {k: v.clone() for k, v in tiny_sd.items()}
+    config = TrainConfig(steps=2, learning_rate=1e-3, rank=4, alpha=4.0, compute_dtype="float32",
+                         checkpoint_every=0, memory=memory)
+    placed = load_base_for_training(BaseTensors("MODEL input", sd), config, data, "cpu",
+                                    log=lambda _: None)
+    weight = placed.model.double_blocks[0].img_attn.qkv.weight
+    assert weight.is_inference() and weight.data_ptr() == sd["double_blocks.0.img_attn.qkv.weight"].data_ptr()
+    result = train(placed.model, data, config, tmp_path / "run", log=lambda _: None)
+    assert len(result.losses) == 2 and all(map(math.isfinite, result.losses))
 
 
 def test_shared_float8_base_keeps_float8_storage_and_its_scales(tiny_sd, make_dataset, tmp_path):
