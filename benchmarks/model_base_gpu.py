@@ -236,6 +236,9 @@ def _run(args, result: dict) -> None:
     model_bytes = sum(t.numel() * t.element_size() for t in tensors.values())
     result["comfy_model_gib"] = model_bytes / GIB
     result["comfy_weight_dtypes"] = sorted({str(t.dtype).replace("torch.", "") for t in tensors.values()})
+    # The Train node unloads ComfyUI's models and loads this one again (new device
+    # tensors): a reference kept here would hold the old ones, a second model's worth.
+    del tensors
     if cuda:
         result["allocated_after_sampling_gib"] = torch.cuda.memory_allocated() / GIB
 
