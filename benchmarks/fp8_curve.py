@@ -485,12 +485,8 @@ def main(argv=None):
         model.set_checkpointing(params.depth, params.depth_single_blocks)
     log(f"built {'tiny' if args.tiny else 'full-size'} random float8 Flux on {device}")
     if args.compile:
-        from torch import _dynamo
-        for key in ("cache_size_limit", "recompile_limit"):
-            if hasattr(_dynamo.config, key):
-                setattr(_dynamo.config, key, max(64, getattr(_dynamo.config, key)))
-        for block in (*model.double_blocks, *model.single_blocks):
-            block.compile()
+        from fluxtrain.placement import compile_blocks
+        compile_blocks(model)
     fp8_possible = fp8.supports_fp8_matmul(device)
     if not fp8_possible and any(c == "fp8" for c, _ in runs):
         log(f"WARNING: float8 compute is unavailable on {device}: the 'fp8' runs will run the "

@@ -276,6 +276,10 @@ class Flux(nn.Module):
         # replay, False keeps the recompute free of RNG bookkeeping (CUDA graphs need that).
         self.recompute_rng = True
 
+    def blocks(self) -> list[nn.Module]:
+        """Every transformer block, double blocks first (the order forward runs them)."""
+        return [*self.double_blocks, *self.single_blocks]
+
     def set_checkpointing(self, n_double: int, n_single: int) -> None:
         """Recompute the first `n_double` double blocks and the first `n_single` single
         blocks in backward instead of keeping their activations (0, 0 turns it off)."""

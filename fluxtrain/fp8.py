@@ -165,6 +165,6 @@ def enable_fp8_compute(model: torch.nn.Module, device=None, enabled: bool = True
             module.fp8_weight_scale = (weight_scale_f32(module.weight, module.weight_scale, device)
                                        if module.fp8_compute else None)
             module.fp8_weight_t = (column_major(module.weight) if module.fp8_backward
-                                   and keep_transposed and module.weight_source is None else None)
+                                   and keep_transposed and module.offloader is None else None)
             count += module.fp8_compute
     return count

@@ -38,7 +38,7 @@ class _FrozenLinearFn(torch.autograd.Function):
     def forward(ctx, x, layer, bias):
         weight, scale = layer.fetch_weight()
         ctx.layer = layer
-        ctx.save_for_backward(weight if layer.weight_source is not None else None)
+        ctx.save_for_backward(weight if layer.offloader is not None else None)
         return layer.base_matmul(x, weight, scale, bias)
 
     @staticmethod
@@ -77,15 +77,15 @@ class FrozenLinear(nn.Module):
         self.fp8_weight_scale: torch.Tensor | None = None
         self.fp8_weight_t: torch.Tensor | None = None   # kept column-major copy (fast mode)
         # Offloaded layers (fluxtrain.offload): `weight` stays in host memory and the
-        # offloader places a fresh device copy here while the layer's block runs.
-        self.weight_source = None
+        # offloader places a device copy in `staged_weight` while the layer's block runs.
+        self.offloader = None
         self.staged_weight: torch.Tensor | None = None
 
     def fetch_weight(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(stored weight on the compute device, its scale)."""
         if self.staged_weight is not None:
             return self.staged_weight, self.weight_scale
-        if self.weight_source is not None:
+        if self.offloader is not None:
             raise RuntimeError(f"{self!r} is offloaded but ran outside its block's staging: "
                                "offloaded layers only run inside their transformer block")
         return self.weight, self.weight_scale

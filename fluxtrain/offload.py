@@ -12,7 +12,7 @@ compiled blocks the weight is a plain tensor input, not a graph break per layer.
 Biases, norm scales, the edge layers, LoRA parameters, optimizer state and
 activations stay in ordinary device memory.
 
-Two backends, same contract (`_fetch(layer) -> fresh device weight`):
+Two backends, same contract (`_fetch(layer) -> the weight on the device`):
 
 - **aimdo** (comfy-aimdo, when `control.init_device` says the device is usable):
   each weight gets a slice of a VBAR. `fault()` maps VRAM under it; while the
@@ -118,10 +118,6 @@ def offload_targets(model: nn.Module) -> list[tuple[str, FrozenLinear]]:
     return [(n, m) for n, m in model.named_modules()
             if isinstance(m, FrozenLinear) and (n.startswith("double_blocks.")
                                                  or n.startswith("single_blocks."))]
-
-
-def model_blocks(model: nn.Module) -> list[nn.Module]:
-    return [*model.double_blocks, *model.single_blocks]
 
 
 class _Entry:
@@ -340,9 +336,9 @@ def install(model: nn.Module, device, prefer: str = "aimdo", resident_bytes: int
             e.resident = host.to(device)                  # kept in VRAM by the plan
             budget -= e.nbytes
         layer.weight.data = host
-        layer.weight_source = off
+        layer.offloader = off
         off.entries[id(layer)] = e
-    for block in model_blocks(model):
+    for block in model.blocks():
         off.block_layers[id(block)] = [m for m in block.modules() if id(m) in off.entries]
         block.register_forward_pre_hook(off.stage)
         block.register_forward_hook(off.unstage)

@@ -168,8 +168,10 @@ def compile_blocks(model: Flux, backend: str = "inductor") -> None:
     blocks compile the same way: their weights are staged by hooks before the block
     runs, so inside the compiled graph they are plain tensor inputs."""
     from torch import _dynamo    # 57 blocks share one forward: let each keep its compiled graph
-    _dynamo.config.cache_size_limit = max(64, _dynamo.config.cache_size_limit)
-    for block in (*model.double_blocks, *model.single_blocks):
+    for key in ("cache_size_limit", "recompile_limit"):    # the name differs between versions
+        if hasattr(_dynamo.config, key):
+            setattr(_dynamo.config, key, max(64, getattr(_dynamo.config, key)))
+    for block in model.blocks():
         block.compile(backend=backend)
 
 

@@ -186,14 +186,14 @@ def test_checkpointing_recomputes_blocks_and_keeps_outputs_and_grads(n_double, n
     plain = output_and_grads(model, x)
 
     calls = []
-    for block in (*model.double_blocks, *model.single_blocks):
+    for block in model.blocks():
         block.register_forward_pre_hook(lambda mod, args: calls.append(mod))
     model.set_checkpointing(n_double, n_single)
     checkpointed = output_and_grads(model, x)
 
     # A recomputed block starts twice: in forward, then again in backward (where torch
     # stops it early once the saved tensors are rebuilt, so only pre-hooks see it).
-    runs = [calls.count(b) for b in (*model.double_blocks, *model.single_blocks)]
+    runs = [calls.count(b) for b in model.blocks()]
     assert runs == [2] * n_double + [1] * (2 - n_double) + [2] * n_single + [1] * (2 - n_single)
     assert torch.allclose(plain[0], checkpointed[0], rtol=0, atol=1e-6)
     assert torch.allclose(plain[1], checkpointed[1], rtol=1e-5, atol=1e-8)

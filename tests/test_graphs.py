@@ -104,7 +104,7 @@ def test_graphs_are_refused_with_the_reason():
     model = Flux(TINY)
     assert "CUDA device" in graphs.graph_unavailable_reason(model, torch.device("cpu"), 0.0)
     assert "dropout" in graphs.graph_unavailable_reason(model, torch.device("cuda"), 0.1)
-    model.img_in.weight_source = object()
+    model.img_in.offloader = object()
     assert "offloaded" in graphs.graph_unavailable_reason(model, torch.device("cuda"), 0.0)
 
 

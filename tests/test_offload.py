@@ -170,7 +170,7 @@ def test_staged_copies_live_only_while_their_block_runs_or_is_differentiated(mod
     def stage(block, args):
         real_stage(block, args)
         during.append(n_alive())
-    for block in offload.model_blocks(model):      # the hooks hold the bound method
+    for block in model.blocks():      # the hooks hold the bound method
         block._forward_pre_hooks.clear()
         block.register_forward_pre_hook(stage)
     out = model(**inputs)
