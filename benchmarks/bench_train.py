@@ -208,19 +208,22 @@ def run_config(cfg: dict) -> dict:
         offloader = offload.install(model, device, prefer=offload_kind, resident_bytes=resident)
     if cfg.get("compile"):
         from fluxtrain.placement import compile_blocks
-        compile_blocks(model)
+        compile_blocks(model, dynamic=cfg.get("compile_dynamic"))
     n_fp8 = fp8.enable_fp8_compute(model, device, enabled=cfg["compute"] == "fp8",
                                    backward=cfg.get("fp8_backward", True),
-                                   keep_transposed=bool(cfg.get("fp8_keep_transposed")))
+                                   keep_transposed=bool(cfg.get("fp8_keep_transposed")),
+                                   recipe=fp8.Fp8Recipe(**cfg.get("fp8_recipe", {})))
     lora_params = [p for a in adapters.values() for p in a.parameters()]
     optimizer = _make_optimizer(config, lora_params, device)
     micro_step = MicroStep(model, lora_params, config, device)
 
-    g = torch.Generator(device=device).manual_seed(123)
-    h = w = res // 8
-    batch = {"latent": torch.randn(1, 16, h, w, generator=g, device=device),
-             "t5": torch.randn(1, txt_tokens, 4096, generator=g, device=device) * 0.2,
-             "clip": torch.randn(1, 768, generator=g, device=device)}
+    def make_batch(res):
+        g = torch.Generator(device=device).manual_seed(123)
+        h = w = res // 8
+        return {"latent": torch.randn(1, 16, h, w, generator=g, device=device),
+                "t5": torch.randn(1, txt_tokens, 4096, generator=g, device=device) * 0.2,
+                "clip": torch.randn(1, 768, generator=g, device=device)}
+    batch = make_batch(res)
 
     times, losses = [], []
     warmup, steps = cfg["warmup"], cfg["steps"]
@@ -242,7 +245,25 @@ def run_config(cfg: dict) -> dict:
         micro_step.zero_grad()
         return loss
 
+    other_sizes_s = None
+    if cfg.get("other_sizes"):
+        # As a dataset with several buckets does: steps at other sizes first, so that the
+        # compiled blocks have seen more than one shape (dynamo then recompiles them with
+        # dynamic shapes unless automatic_dynamic_shapes is off) before the timed size.
+        t_other = time.perf_counter()
+        for other in cfg["other_sizes"]:
+            batch = make_batch(other)
+            for _ in range(2):
+                one_step(0)
+        batch = make_batch(res)
+        if cuda:
+            torch.cuda.synchronize()
+        other_sizes_s = time.perf_counter() - t_other
+    t_first = time.perf_counter()
+    first_steps_s = None
     for step in range(warmup + steps):
+        if step == warmup:
+            first_steps_s = time.perf_counter() - t_first
         start, end = StepTimer(cuda), StepTimer(cuda)
         start.record()
         loss = one_step(step)
@@ -272,7 +293,8 @@ def run_config(cfg: dict) -> dict:
                peak_host_rss_gib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
                free_vram_at_start_gib=free_at_start / 2**30,
                ballast_gib=(ballast.numel() / 2**30) if ballast is not None else 0.0,
-               build_s=build_s, losses=losses, losses_finite=all(map(lambda v: v == v and abs(v) < 1e30, losses)),
+               build_s=build_s, other_sizes_s=other_sizes_s, warmup_s=first_steps_s,
+               dynamo_automatic_dynamic_shapes=_automatic_dynamic(), losses=losses, losses_finite=all(map(lambda v: v == v and abs(v) < 1e30, losses)),
                fp8_layers=n_fp8, lora_layers=len(adapters),
                lora_params=sum(p.numel() for p in lora_params),
                device=name, torch=torch.__version__,
@@ -287,6 +309,14 @@ def run_config(cfg: dict) -> dict:
     out["predicted_peak_gib"] = est["total"] / 2**30
     out["predicted"] = {k: v / 2**30 for k, v in est.items()}
     return out
+
+
+def _automatic_dynamic():
+    try:
+        import torch._dynamo
+        return bool(torch._dynamo.config.automatic_dynamic_shapes)
+    except Exception:      # an old torch without dynamo
+        return None
 
 
 def profile_steps(step, steps: int = 3, top: int = 30) -> dict:

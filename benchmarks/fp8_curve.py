@@ -78,6 +78,7 @@ teacher is the same) are judged together with --merge A.json B.json --out C.json
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import statistics
@@ -110,6 +111,60 @@ EVAL_SEED = 99_991
 # and one block of each kind, so that 4 x 200 steps run in well under a minute on a CPU.
 TINY = FluxParams(vec_in_dim=128, context_in_dim=256, hidden_size=128, num_heads=2,
                   depth=1, depth_single_blocks=1, axes_dim=(8, 28, 28))
+
+
+# Layer classes of FLUX.1 for --floors "only=CLASS" (which layers' float8 error is how large).
+LAYER_CLASSES = {
+    "modulation": r"(_mod\.lin|modulation\.lin|adaLN_modulation\.1)$",
+    "embed": r"^(time_in|vector_in|guidance_in)\.|^(img_in|txt_in|final_layer\.linear)$",
+    "double_attn": r"^double_blocks\.\d+\.(img|txt)_attn\.",
+    "double_mlp": r"^double_blocks\.\d+\.(img|txt)_mlp\.",
+    "single_linear1": r"^single_blocks\.\d+\.linear1$",
+    "single_linear2": r"^single_blocks\.\d+\.linear2$",
+}
+
+
+def parse_recipe(text: str) -> tuple[fp8.Fp8Recipe, str | None]:
+    """'default' (fp8.Fp8Recipe()), or '+'-joined changes to it: 'row' / 'tensor' (per-row /
+    per-tensor scales), 'fast' / 'exact' (fast / exact accumulation in forward), 'blocks' /
+    'all' (float8 only in the blocks' token-wise linears / in every eligible layer),
+    'only=CLASS' (float8 only in one of LAYER_CLASSES). The recipe before 2026-12-01 was
+    'tensor+all'."""
+    flags = {"row": ("rowwise", True), "tensor": ("rowwise", False),
+             "fast": ("fast_accum", True), "exact": ("fast_accum", False),
+             "blocks": ("all_layers", False), "all": ("all_layers", True)}
+    fields, only = {}, None
+    for part in text.split("+"):
+        if part == "default":
+            continue
+        if part in flags:
+            key, value = flags[part]
+            fields[key] = value
+        elif part.startswith("only=") and part[5:] in LAYER_CLASSES:
+            only = part[5:]
+            fields["all_layers"] = True
+        else:
+            raise SystemExit(f"unknown float8 recipe part {part!r} in {text!r}: use default, "
+                             f"{', '.join(flags)} or only=CLASS ({', '.join(LAYER_CLASSES)})")
+    return fp8.Fp8Recipe(**fields), only
+
+
+def enable_fp8(model, device, recipe_text: str | None) -> int:
+    """float8 compute with the recipe `recipe_text` (None: off). Returns the layers on."""
+    import re
+
+    from fluxtrain.layers import FrozenLinear
+    if recipe_text is None:
+        return fp8.enable_fp8_compute(model, device, enabled=False)
+    recipe, only = parse_recipe(recipe_text)
+    n = fp8.enable_fp8_compute(model, device, recipe=recipe)
+    if only is not None:
+        pattern = re.compile(LAYER_CLASSES[only])
+        for name, module in model.named_modules():
+            if isinstance(module, FrozenLinear) and module.fp8_compute and not pattern.search(name):
+                module.fp8_compute = module.fp8_backward = False
+                n -= 1
+    return n
 
 
 # ---------------------------------------------------------------- pieces
@@ -239,7 +294,7 @@ def run_one(model, device, compute: str, seed: int, args, teacher_items, eval_it
     for a in adapters.values():
         a.to(device)
     params = [p for a in adapters.values() for p in a.parameters()]
-    n_fp8 = fp8.enable_fp8_compute(model, device, enabled=compute == "fp8")
+    n_fp8 = enable_fp8(model, device, args.fp8_recipe if compute == "fp8" else None)
     optimizer = _make_optimizer(config, params, device)
     micro = MicroStep(model, params, config, device, log)
 
@@ -430,7 +485,15 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--resolution", type=int, default=None, help="default 512 (64 with --tiny)")
-    ap.add_argument("--runs", nargs="+", default=["bf16:0", "bf16:1", "fp8:0", "fp8:1"])
+    ap.add_argument("--runs", nargs="*", default=["bf16:0", "bf16:1", "fp8:0", "fp8:1"],
+                    help="compute:seed pairs; none with --floors measures the floors only")
+    ap.add_argument("--fp8-recipe", default="default",
+                    help="float8 recipe of the fp8 runs (see parse_recipe): default, or changes "
+                         "to it joined by '+' (row, tensor, fast, exact, blocks, all), e.g. "
+                         "tensor+all (the recipe before 2026-12-01)")
+    ap.add_argument("--floors", nargs="*", default=[],
+                    help="more recipes whose fp8 floor to measure (e.g. row exact blocks "
+                         "only=modulation); no training needed")
     ap.add_argument("--out", type=Path, default=Path("fp8_curve.json"))
     ap.add_argument("--compile", action="store_true", help="torch.compile every block")
     ap.add_argument("--graphs", action="store_true", help="CUDA graphs for the step (MicroStep)")
@@ -521,13 +584,18 @@ def main(argv=None):
                else float(args.lr))
     log(f"teacher rho {calib['rho']:.4g}: relative gap {calib['relative_gap']:.4g} (wanted "
         f"{args.teacher_gap}), up rms {calib['up_rms']:.4g}; learning rate {args.lr:.3g}")
-    fp8_floor = None
+    fp8_floor, fp8_floors = None, {}
     if fp8_possible:
-        n = fp8.enable_fp8_compute(model, device, enabled=True)
-        fp8_floor = {"eval_loss": eval_loss(model, eval_items, config0), "fp8_layers": n}
-        fp8.enable_fp8_compute(model, device, enabled=False)
-        log(f"fp8 floor (the teacher's own LoRA in float8 against its bf16 targets): "
-            f"{fp8_floor['eval_loss']:.5g}")
+        for recipe_text in dict.fromkeys([args.fp8_recipe] + list(args.floors)):
+            t_floor = time.perf_counter()
+            n = enable_fp8(model, device, recipe_text)
+            fp8_floors[recipe_text] = {"eval_loss": eval_loss(model, eval_items, config0),
+                                       "fp8_layers": n, "s": time.perf_counter() - t_floor,
+                                       "recipe": dataclasses.asdict(parse_recipe(recipe_text)[0])}
+            enable_fp8(model, device, None)
+            log(f"fp8 floor, recipe {recipe_text} ({n} layers; the teacher's own LoRA in float8 "
+                f"against its bf16 targets): {fp8_floors[recipe_text]['eval_loss']:.5g}")
+        fp8_floor = fp8_floors[args.fp8_recipe]
 
     targets: dict[int, list] = {}
 
@@ -549,9 +617,13 @@ def main(argv=None):
               "torch": torch.__version__, "fp8_supported": fp8_possible,
               "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
               "model": "tiny" if args.tiny else "FluxParams() full size", "teacher": calib,
-              "fp8_floor": fp8_floor}
+              "fp8_floor": fp8_floor, "fp8_floors": fp8_floors}
     results: dict[str, dict] = {}
     doc = dict(header, runs=[], summary={})
+    if not runs:
+        _write(args.out, dict(doc, elapsed_s=time.perf_counter() - began))
+        log(f"no runs: floors written to {args.out}")
+        return 0
     for compute, seed in runs:
         items = teacher_items(seed)
         log(f"run {compute}:{seed}")

@@ -280,6 +280,16 @@ class Flux(nn.Module):
         """Every transformer block, double blocks first (the order forward runs them)."""
         return [*self.double_blocks, *self.single_blocks]
 
+    def token_linears(self) -> list[FrozenLinear]:
+        """The frozen linears that act on every token inside the blocks (attention and
+        MLP projections): all of the model's matmul work except a few tenths of a
+        percent. Not among them: the modulation (one row per sample), the embedders
+        and the final layer."""
+        modulation = {id(m.lin) for b in self.blocks() for m in b.modules()
+                      if isinstance(m, Modulation)}
+        return [m for b in self.blocks() for m in b.modules()
+                if isinstance(m, FrozenLinear) and id(m) not in modulation]
+
     def set_checkpointing(self, n_double: int, n_single: int) -> None:
         """Recompute the first `n_double` double blocks and the first `n_single` single
         blocks in backward instead of keeping their activations (0, 0 turns it off)."""

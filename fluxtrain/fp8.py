@@ -11,8 +11,10 @@ can instead run through `torch._scaled_mm` straight on the stored weight:
 
 `s_w` is the weight's own scale (1 for a plain float8 file, `scale_weight` for
 ComfyUI's scaled fp8); `s_x` and `s_g` are taken from the tensor's absolute
-maximum at call time (dynamic per-tensor scaling). The base weight is frozen, so
-no weight gradient is ever needed; the LoRA path runs in bf16 elsewhere.
+maximum at call time (dynamic scaling), per tensor or, with `Fp8Recipe.rowwise`,
+per row (token). The base weight is frozen, so no weight gradient is ever needed;
+the LoRA path runs in bf16 elsewhere. `Fp8Recipe` holds the choices that trade
+speed against the float8 forward's error (benchmarks/NOTES.md measures them).
 
 `enable_fp8_compute(model, device)` turns it on for every FrozenLinear whose
 weight is float8_e4m3fn, and only where the device supports it; passing
@@ -22,6 +24,7 @@ weight is float8_e4m3fn, and only where the device supports it; passing
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import torch
 
@@ -32,6 +35,27 @@ E5M2 = torch.float8_e5m2
 FP8_MAX = {E4M3: 448.0, E5M2: 57344.0}
 # Smallest amax we scale by: an all-zero tensor quantises to zeros with a finite scale.
 _AMAX_FLOOR = 1e-12
+
+
+@dataclass(frozen=True)
+class Fp8Recipe:
+    """How the frozen matmuls run in float8.
+
+    rowwise     one scale per row (token) of the activation and of the output gradient,
+                instead of one per tensor: a token far louder than the others no longer
+                pushes the quiet ones towards float8's subnormals.
+    fast_accum  Hopper's fast accumulation in the forward GEMM (partial sums kept at
+                reduced precision); the input-gradient always accumulates exactly.
+    all_layers  every eligible layer in float8, instead of only the token-wise linears
+                of the transformer blocks (a model's `token_linears()`). The others
+                (embedders, modulation, final layer) do a few tenths of a percent of
+                the matmul work, but their error is not diluted in the residual stream:
+                it starts the stream (img_in, txt_in), is shared by every token
+                (modulation, one row per sample), or is the output (final layer).
+    """
+    rowwise: bool = True
+    fast_accum: bool = True
+    all_layers: bool = False
 
 
 def supports_fp8_matmul(device) -> bool:
@@ -48,20 +72,23 @@ def supports_fp8_matmul(device) -> bool:
     return tuple(torch.cuda.get_device_capability(index)) >= (8, 9)
 
 
-def tensor_scale(x: torch.Tensor, fp8_dtype: torch.dtype) -> torch.Tensor:
-    """Per-tensor scale (float32 scalar) that maps max|x| onto the largest finite
-    value of `fp8_dtype`."""
-    lo, hi = torch.aminmax(x)
-    amax = torch.maximum(hi.float(), -lo.float()).clamp_min(_AMAX_FLOOR)
+def tensor_scale(x: torch.Tensor, fp8_dtype: torch.dtype, rowwise: bool = False) -> torch.Tensor:
+    """Scale that maps max|x| onto the largest finite value of `fp8_dtype`: a float32
+    scalar, or with `rowwise` one per row of the 2-D `x` (shape [M, 1])."""
+    if rowwise:
+        amax = x.abs().amax(dim=-1, keepdim=True).float().clamp_min(_AMAX_FLOOR)
+    else:
+        lo, hi = torch.aminmax(x)
+        amax = torch.maximum(hi.float(), -lo.float()).clamp_min(_AMAX_FLOOR)
     return amax / FP8_MAX[fp8_dtype]
 
 
-def quantize(x: torch.Tensor, fp8_dtype: torch.dtype = E4M3):
+def quantize(x: torch.Tensor, fp8_dtype: torch.dtype = E4M3, rowwise: bool = False):
     """(q, scale) with q in `fp8_dtype` and x ~= q.float() * scale.
 
     Plain torch ops: under torch.compile (the blocks compiled) they fuse into the
     neighbouring kernels; eager they cost a few passes over x."""
-    scale = tensor_scale(x, fp8_dtype)
+    scale = tensor_scale(x, fp8_dtype, rowwise)
     m = FP8_MAX[fp8_dtype]
     q = (x.float() / scale).clamp(-m, m).to(fp8_dtype)
     return q, scale
@@ -93,16 +120,28 @@ def weight_scale_f32(weight: torch.Tensor, scale: torch.Tensor | None,
     return scale.reshape(()).to(device=device, dtype=torch.float32)
 
 
+def rows(x: torch.Tensor) -> int:
+    """How many rows a matmul over the last dimension of `x` has."""
+    return x.numel() // max(1, x.shape[-1])
+
+
+def _b_scale(w_scale: torch.Tensor, n: int, rowwise: bool) -> torch.Tensor:
+    """The weight's per-tensor scale in the shape `_scaled_mm` wants beside a per-row
+    scale of the first operand: [1, n]."""
+    return w_scale.reshape(1, 1).expand(1, n).contiguous() if rowwise else w_scale
+
+
 def linear_fp8(x: torch.Tensor, weight: torch.Tensor, w_scale: torch.Tensor,
                bias: torch.Tensor | None, out_dtype: torch.dtype,
-               fast_accum: bool = True) -> torch.Tensor:
-    """x @ (weight * w_scale).T + bias with x quantised to e4m3 per tensor.
-    `weight` is float8_e4m3fn [N, K] (row-major, as stored)."""
+               recipe: Fp8Recipe = Fp8Recipe()) -> torch.Tensor:
+    """x @ (weight * w_scale).T + bias with x quantised to e4m3 (per tensor, or per
+    row with `recipe.rowwise`). `weight` is float8_e4m3fn [N, K] (row-major, as stored)."""
     x2, m = _as_2d(x)
-    xq, sx = quantize(x2, E4M3)
-    y = torch._scaled_mm(xq, weight.t(), scale_a=sx, scale_b=w_scale,
+    xq, sx = quantize(x2, E4M3, recipe.rowwise)
+    y = torch._scaled_mm(xq, weight.t(), scale_a=sx,
+                         scale_b=_b_scale(w_scale, weight.shape[0], recipe.rowwise),
                          bias=None if bias is None else bias.to(out_dtype),
-                         out_dtype=out_dtype, use_fast_accum=fast_accum)
+                         out_dtype=out_dtype, use_fast_accum=recipe.fast_accum)
     if y.shape[0] != m:
         y = y[:m]
     return y.reshape(*x.shape[:-1], weight.shape[0])
@@ -116,17 +155,18 @@ def column_major(weight: torch.Tensor) -> torch.Tensor:
 
 def grad_input_fp8(grad_out: torch.Tensor, weight: torch.Tensor, w_scale: torch.Tensor,
                    out_dtype: torch.dtype, grad_dtype: torch.dtype = E5M2,
-                   weight_column_major: torch.Tensor | None = None) -> torch.Tensor:
+                   weight_column_major: torch.Tensor | None = None,
+                   rowwise: bool = False) -> torch.Tensor:
     """grad_out @ (weight * w_scale): the input-gradient of a frozen linear, with
-    grad_out quantised per tensor to `grad_dtype` (e5m2 by default: gradients need
-    range more than mantissa). The weight is transposed into a column-major
-    operand (one pass over the float8 weight, no bf16 copy) unless a kept copy
-    `weight_column_major` is given."""
+    grad_out quantised (per tensor, or per row with `rowwise`) to `grad_dtype` (e5m2
+    by default: gradients need range more than mantissa). The weight is transposed
+    into a column-major operand (one pass over the float8 weight, no bf16 copy)
+    unless a kept copy `weight_column_major` is given."""
     g2, m = _as_2d(grad_out)
-    gq, sg = quantize(g2, grad_dtype)
+    gq, sg = quantize(g2, grad_dtype, rowwise)
     w_cm = column_major(weight) if weight_column_major is None else weight_column_major
-    dx = torch._scaled_mm(gq, w_cm, scale_a=sg, scale_b=w_scale, out_dtype=out_dtype,
-                          use_fast_accum=False)
+    dx = torch._scaled_mm(gq, w_cm, scale_a=sg, scale_b=_b_scale(w_scale, weight.shape[1], rowwise),
+                          out_dtype=out_dtype, use_fast_accum=False)
     if dx.shape[0] != m:
         dx = dx[:m]
     return dx.reshape(*grad_out.shape[:-1], weight.shape[1])
@@ -141,15 +181,39 @@ def fp8_eligible(layer) -> bool:
             and w.shape[1] % 16 == 0 and (s is None or s.numel() == 1))
 
 
+def rowwise_grad_supported(device) -> bool:
+    """Whether the device's `_scaled_mm` takes per-row scales with an e5m2 first operand
+    (the input-gradient); some builds only take e4m3 x e4m3 per row. Probed once."""
+    key = str(torch.device(device))
+    if key not in _ROWWISE_GRAD:
+        a = torch.zeros(16, 16, device=device, dtype=E5M2)
+        b = torch.zeros(16, 16, device=device, dtype=E4M3).t()
+        one_a = torch.ones(16, 1, device=device)
+        one_b = torch.ones(1, 16, device=device)
+        try:
+            torch._scaled_mm(a, b, scale_a=one_a, scale_b=one_b, out_dtype=torch.bfloat16)
+            _ROWWISE_GRAD[key] = True
+        except (RuntimeError, NotImplementedError) as e:
+            log.info("fluxtrain: per-row float8 scales unavailable for the input-gradient "
+                     "(%s); it uses per-tensor scales", str(e).splitlines()[0])
+            _ROWWISE_GRAD[key] = False
+    return _ROWWISE_GRAD[key]
+
+
+_ROWWISE_GRAD: dict[str, bool] = {}
+
+
 def enable_fp8_compute(model: torch.nn.Module, device=None, enabled: bool = True,
-                       backward: bool = True, keep_transposed: bool = False) -> int:
+                       backward: bool = True, keep_transposed: bool = False,
+                       recipe: Fp8Recipe = Fp8Recipe()) -> int:
     """Route the frozen matmuls of `model` through float8 tensor cores where the
     device supports it. Returns how many layers now compute in float8 (0 when
     disabled or unsupported). Safe to call again to switch off. `backward=False`
     keeps the input-gradient matmul on the bf16-cast path (forward and recompute
     stay float8). `keep_transposed` keeps a column-major copy of every resident
     float8 weight for the input-gradient (one more byte per weight, ~12 GB for
-    Flux) instead of transposing each weight in every backward."""
+    Flux) instead of transposing each weight in every backward. `recipe` sets the
+    scaling granularity, the accumulation and the smallest matmul run in float8."""
     from .layers import FrozenLinear
 
     if device is None:
@@ -157,10 +221,16 @@ def enable_fp8_compute(model: torch.nn.Module, device=None, enabled: bool = True
     on = bool(enabled) and supports_fp8_matmul(device)
     if enabled and not on:
         log.info("fluxtrain: float8 compute unavailable on %s; using the bf16-cast path", device)
+    grad_rowwise = on and backward and recipe.rowwise and rowwise_grad_supported(device)
+    scope = (None if recipe.all_layers or not hasattr(model, "token_linears")
+             else {id(m) for m in model.token_linears()})
     count = 0
     for module in model.modules():
         if isinstance(module, FrozenLinear):
-            module.fp8_compute = on and fp8_eligible(module)
+            module.fp8_recipe = recipe
+            module.fp8_grad_rowwise = grad_rowwise
+            module.fp8_compute = (on and fp8_eligible(module)
+                                  and (scope is None or id(module) in scope))
             module.fp8_backward = module.fp8_compute and backward
             module.fp8_weight_scale = (weight_scale_f32(module.weight, module.weight_scale, device)
                                        if module.fp8_compute else None)

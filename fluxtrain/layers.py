@@ -48,7 +48,8 @@ class _FrozenLinearFn(torch.autograd.Function):
         weight = layer.weight if staged is None else staged
         if layer.fp8_backward:
             return fp8.grad_input_fp8(grad_out, weight, layer.fp8_weight_scale, grad_out.dtype,
-                                      weight_column_major=layer.fp8_weight_t), None, None
+                                      weight_column_major=layer.fp8_weight_t,
+                                      rowwise=layer.fp8_grad_rowwise), None, None
         return grad_out @ materialize_weight(weight, layer.weight_scale, grad_out.dtype), None, None
 
 
@@ -76,6 +77,8 @@ class FrozenLinear(nn.Module):
         self.fp8_backward = False
         self.fp8_weight_scale: torch.Tensor | None = None
         self.fp8_weight_t: torch.Tensor | None = None   # kept column-major copy (fast mode)
+        self.fp8_recipe = fp8.Fp8Recipe()
+        self.fp8_grad_rowwise = False
         # Offloaded layers (fluxtrain.offload): `weight` stays in host memory and the
         # offloader places a device copy in `staged_weight` while the layer's block runs.
         self.offloader = None
@@ -93,7 +96,7 @@ class FrozenLinear(nn.Module):
     def base_matmul(self, x, weight, scale, bias):
         """x @ (weight * scale).T + bias, in float8 when enabled, else by casting."""
         if self.fp8_compute:
-            return fp8.linear_fp8(x, weight, self.fp8_weight_scale, bias, x.dtype)
+            return fp8.linear_fp8(x, weight, self.fp8_weight_scale, bias, x.dtype, self.fp8_recipe)
         return F.linear(x, materialize_weight(weight, scale, x.dtype),
                         None if bias is None else bias.to(x.dtype))
 

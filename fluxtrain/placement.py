@@ -163,16 +163,19 @@ def load_base_for_training(source, config, dataset, device,
     return Placement(model, info, plan, description, offloader)
 
 
-def compile_blocks(model: Flux, backend: str = "inductor") -> None:
+def compile_blocks(model: Flux, backend: str = "inductor", dynamic: bool | None = None) -> None:
     """torch.compile every transformer block (the edge layers stay eager). Offloaded
     blocks compile the same way: their weights are staged by hooks before the block
-    runs, so inside the compiled graph they are plain tensor inputs."""
+    runs, so inside the compiled graph they are plain tensor inputs. `dynamic` as in
+    torch.compile: None compiles the first token count statically and recompiles once
+    with dynamic shapes when a second one comes; False compiles each token count
+    (bucket) statically."""
     from torch import _dynamo    # 57 blocks share one forward: let each keep its compiled graph
     for key in ("cache_size_limit", "recompile_limit"):    # the name differs between versions
         if hasattr(_dynamo.config, key):
             setattr(_dynamo.config, key, max(64, getattr(_dynamo.config, key)))
     for block in model.blocks():
-        block.compile(backend=backend)
+        block.compile(backend=backend, dynamic=dynamic)
 
 
 def _no_shared_offload(name: str, why: str) -> str:
