@@ -38,7 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
     for f in fields(TrainConfig):
         option = "--" + f.name.replace("_", "-")
         kind = type(f.default)      # every setting has a default
-        help_text = f"{f.metadata['help']} (default {f.default})"
+        # argparse %-formats help texts: a literal % must be doubled
+        help_text = f"{f.metadata['help']} (default {f.default})".replace("%", "%%")
         if kind is bool:
             parser.add_argument(option, type=_parse_bool, default=None, metavar="true|false",
                                 help=help_text)

@@ -23,6 +23,7 @@ weight is float8_e4m3fn, and only where the device supports it; passing
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 
@@ -181,26 +182,27 @@ def fp8_eligible(layer) -> bool:
             and w.shape[1] % 16 == 0 and (s is None or s.numel() == 1))
 
 
-def rowwise_grad_supported(device) -> bool:
-    """Whether the device's `_scaled_mm` takes per-row scales with an e5m2 first operand
-    (the input-gradient); some builds only take e4m3 x e4m3 per row. Probed once."""
-    key = str(torch.device(device))
-    if key not in _ROWWISE_GRAD:
-        a = torch.zeros(16, 16, device=device, dtype=E5M2)
+def rowwise_supported(device, first: torch.dtype = E4M3) -> bool:
+    """Whether the device's `_scaled_mm` takes per-row scales with a `first` (e4m3: the
+    forward; e5m2: the input-gradient) times e4m3 product. Builds and devices differ
+    (the per-row kernel is CUTLASS, built for CUDA 12 and newer, not on Windows); a
+    16 x 16 product is tried once per device and dtype."""
+    key = (str(torch.device(device)), first)
+    if key not in _ROWWISE:
+        a = torch.zeros(16, 16, device=device, dtype=first)
         b = torch.zeros(16, 16, device=device, dtype=E4M3).t()
-        one_a = torch.ones(16, 1, device=device)
-        one_b = torch.ones(1, 16, device=device)
         try:
-            torch._scaled_mm(a, b, scale_a=one_a, scale_b=one_b, out_dtype=torch.bfloat16)
-            _ROWWISE_GRAD[key] = True
+            torch._scaled_mm(a, b, scale_a=torch.ones(16, 1, device=device),
+                             scale_b=torch.ones(1, 16, device=device), out_dtype=torch.bfloat16)
+            _ROWWISE[key] = True
         except (RuntimeError, NotImplementedError) as e:
-            log.info("fluxtrain: per-row float8 scales unavailable for the input-gradient "
-                     "(%s); it uses per-tensor scales", str(e).splitlines()[0])
-            _ROWWISE_GRAD[key] = False
-    return _ROWWISE_GRAD[key]
+            log.info("fluxtrain: per-row float8 scales unavailable for %s operands on %s (%s); "
+                     "per-tensor scales are used there", first, device, str(e).splitlines()[0])
+            _ROWWISE[key] = False
+    return _ROWWISE[key]
 
 
-_ROWWISE_GRAD: dict[str, bool] = {}
+_ROWWISE: dict[tuple, bool] = {}
 
 
 def enable_fp8_compute(model: torch.nn.Module, device=None, enabled: bool = True,
@@ -221,7 +223,9 @@ def enable_fp8_compute(model: torch.nn.Module, device=None, enabled: bool = True
     on = bool(enabled) and supports_fp8_matmul(device)
     if enabled and not on:
         log.info("fluxtrain: float8 compute unavailable on %s; using the bf16-cast path", device)
-    grad_rowwise = on and backward and recipe.rowwise and rowwise_grad_supported(device)
+    if on and recipe.rowwise and not rowwise_supported(device, E4M3):
+        recipe = dataclasses.replace(recipe, rowwise=False)
+    grad_rowwise = on and backward and recipe.rowwise and rowwise_supported(device, E5M2)
     scope = (None if recipe.all_layers or not hasattr(model, "token_linears")
              else {id(m) for m in model.token_linears()})
     count = 0

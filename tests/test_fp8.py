@@ -61,9 +61,12 @@ def test_quantise_dequantise_matmul_is_within_fp8_tolerance_of_bf16():
     assert _rel(emulated, ref) > _rel(bf16, ref)
 
 
+@pytest.mark.parametrize("rowwise", [False, True])
 @pytest.mark.parametrize("scale", [None, 0.25])
-def test_fp8_layer_forward_and_input_grad_match_the_cast_path(scale):
+def test_fp8_layer_forward_and_input_grad_match_the_cast_path(scale, rowwise):
     layer = _fp8_layer(scale=scale)
+    layer.fp8_recipe = fp8.Fp8Recipe(rowwise=rowwise)
+    layer.fp8_grad_rowwise = rowwise
     g = torch.Generator().manual_seed(2)
     x = torch.randn(2, 7, 64, generator=g).bfloat16().requires_grad_()  # 14 rows: padded to 16
     y_ref = layer(x)
@@ -129,3 +132,98 @@ def test_kept_transposed_weight_gives_the_same_input_gradient(monkeypatch):
     assert torch.equal(dx_kept, dx_transposing)
     fp8.enable_fp8_compute(layer, "cpu", enabled=False)
     assert layer.fp8_weight_t is None
+
+
+def test_per_row_scales_keep_quiet_rows_precise_beside_a_loud_one():
+    """One token 10^5 times louder than the rest: one scale per tensor pushes the quiet
+    rows into float8's subnormals (or to zero); one scale per row does not."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(32, 128, generator=g)
+    x[0] *= 1e5
+    qt, st = fp8.quantize(x, fp8.E4M3)
+    qr, sr = fp8.quantize(x, fp8.E4M3, rowwise=True)
+    assert st.shape == () and sr.shape == (32, 1)
+    assert torch.allclose(sr[:, 0], x.abs().amax(dim=1) / 448.0)
+    quiet = slice(1, None)
+    err_tensor = _rel(qt[quiet].float() * st, x[quiet])
+    err_row = _rel(qr[quiet].float() * sr[quiet], x[quiet])
+    assert err_row < 0.05 < err_tensor
+
+
+def test_rowwise_product_is_the_emulated_one():
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(16, 64, generator=g) * torch.logspace(-2, 2, 16)[:, None]
+    layer = _fp8_layer(scale=0.5)
+    w_scale = fp8.weight_scale_f32(layer.weight, layer.weight_scale)
+    y = fp8.linear_fp8(x.bfloat16(), layer.weight, w_scale, None, torch.float32,
+                       fp8.Fp8Recipe(rowwise=True))
+    xq, sx = fp8.quantize(x.bfloat16(), fp8.E4M3, rowwise=True)
+    emulated = (xq.double() * sx.double()) @ (layer.weight.double() * 0.5).T
+    assert _rel(y, emulated) < 1e-5
+
+
+def test_fast_accumulation_is_a_forward_setting_only(monkeypatch):
+    monkeypatch.setattr(fp8, "supports_fp8_matmul", lambda d: True)
+    seen = []
+    real = torch._scaled_mm
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("use_fast_accum"))
+        return real(*args, **kwargs)
+    monkeypatch.setattr(torch, "_scaled_mm", spy)
+    layer = _fp8_layer()
+    x = torch.randn(16, 64, generator=torch.Generator().manual_seed(7)).bfloat16().requires_grad_()
+    for fast in (True, False):
+        seen.clear()
+        fp8.enable_fp8_compute(layer, "cpu", recipe=fp8.Fp8Recipe(fast_accum=fast))
+        layer(x).sum().backward()
+        assert seen == [fast, False]      # forward as set, input-gradient always exact
+
+
+def _fp8_flux():
+    """A TINY Flux whose every weight is float8 (TINY's sizes are multiples of 16)."""
+    from fluxtrain.flux import Flux
+    from fluxtrain.params import TINY
+    from fluxtrain.synthetic import random_state_dict
+    model = Flux(TINY, dtype=torch.float8_e4m3fn)
+    sd = random_state_dict(TINY, seed=0)
+    model.load_state_dict({k: v.to(torch.float8_e4m3fn) if v.dim() == 2 else v.bfloat16()
+                           for k, v in sd.items()}, strict=False)
+    return model
+
+
+def test_default_recipe_computes_only_the_blocks_token_wise_linears_in_float8(monkeypatch):
+    """Embedders, modulation and the final layer stay on the cast path: on the full-size
+    model they carried 84% of the float8 forward's error for 0.3% of its matmul work
+    (benchmarks/results/2026-12-01-h200-fp8floors.json)."""
+    from fluxtrain.layers import FrozenLinear
+    monkeypatch.setattr(fp8, "supports_fp8_matmul", lambda d: True)
+    model = _fp8_flux()
+    names = {id(m): n for n, m in model.named_modules()}
+    token = {names[id(m)] for m in model.token_linears()}
+    assert token and not any("mod" in n for n in token)
+    assert {n.rsplit(".", 1)[-1] for n in token} == {"qkv", "proj", "0", "2", "linear1", "linear2"}
+
+    n = fp8.enable_fp8_compute(model, "cpu")
+    on = {names[id(m)] for m in model.modules() if isinstance(m, FrozenLinear) and m.fp8_compute}
+    assert on == token and n == len(token)
+
+    every = fp8.enable_fp8_compute(model, "cpu", recipe=fp8.Fp8Recipe(all_layers=True))
+    frozen = [m for m in model.modules() if isinstance(m, FrozenLinear)]
+    assert every == sum(fp8.fp8_eligible(m) for m in frozen) > n
+    assert {"img_in", "final_layer.linear", "double_blocks.0.img_mod.lin"} <= {
+        names[id(m)] for m in frozen if m.fp8_compute}
+
+
+def test_without_per_row_kernels_the_recipe_falls_back_to_per_tensor(monkeypatch):
+    monkeypatch.setattr(fp8, "supports_fp8_matmul", lambda d: True)
+    monkeypatch.setattr(fp8, "_ROWWISE", {("cpu", fp8.E4M3): False, ("cpu", fp8.E5M2): False})
+    layer = _fp8_layer()
+    fp8.enable_fp8_compute(layer, "cpu")
+    assert not layer.fp8_recipe.rowwise and not layer.fp8_grad_rowwise
+    monkeypatch.setattr(fp8, "_ROWWISE", {("cpu", fp8.E4M3): True, ("cpu", fp8.E5M2): False})
+    fp8.enable_fp8_compute(layer, "cpu")
+    assert layer.fp8_recipe.rowwise and not layer.fp8_grad_rowwise
+    x = torch.randn(16, 64, generator=torch.Generator().manual_seed(8)).bfloat16().requires_grad_()
+    layer(x).sum().backward()       # per-row forward, per-tensor input-gradient
+    assert torch.isfinite(x.grad).all()

@@ -89,6 +89,21 @@ def test_every_memory_mode_trains_the_same_losses(base_and_data, tmp_path, mode)
     assert losses[mode] == losses["fast"]
 
 
+def test_float8_without_compiled_blocks_is_said_to_be_slower(base_and_data, monkeypatch):
+    from fluxtrain import fp8
+    monkeypatch.setattr(fp8, "supports_fp8_matmul", lambda d: True)
+    base, data = base_and_data
+    said = {}
+    for compiled in (False, True):
+        lines = []
+        config = TrainConfig(fp8_compute=True, compile_blocks=compiled, rank=4, alpha=4.0)
+        placed = load_base_for_training(base, config, data, "cpu", log=lines.append)
+        assert "float8 matmuls in" in lines[-1]
+        said[compiled] = any("fp8_compute without compile_blocks" in line for line in lines)
+        placed.release()
+    assert said == {False: True, True: False}
+
+
 # ---------------------------------------------------------------- a base already in memory
 
 def test_base_from_a_shared_state_dict_references_its_tensors_and_trains(tiny_sd, make_dataset,

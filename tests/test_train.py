@@ -245,6 +245,18 @@ def test_cli_reports_bad_input_without_a_traceback(dataset, tmp_path, capsys):
     assert "no_dataset" in capsys.readouterr().err
 
 
+def test_cli_help_lists_every_setting_with_its_help(capsys):
+    # argparse %-formats help texts: a setting whose help says "2%" once broke --help
+    from dataclasses import fields
+    with pytest.raises(SystemExit) as done:
+        cli.main(["--help"])
+    assert done.value.code == 0
+    out = " ".join(capsys.readouterr().out.split())
+    for f in fields(TrainConfig):
+        assert "--" + f.name.replace("_", "-") in out
+        assert " ".join(f.metadata["help"].split())[:40] in out
+
+
 def test_new_settings_come_after_the_ones_saved_workflows_know():
     # A saved workflow lists the Train node's widget values by position; a setting
     # inserted in the middle would shift every later value into the wrong widget.
