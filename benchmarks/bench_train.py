@@ -18,6 +18,11 @@ Compute: bf16 (weights cast per call) or fp8 (torch._scaled_mm on float8 tensor 
 Offload: none | aimdo | pinned (frozen weights in host memory, fluxtrain.offload).
 --free-gb N: a ballast allocation leaves only N GB of the card free (both torch and
 aimdo then see an N GB card).
+Configuration keys of --configs / suites beyond the grid's: fp8_recipe ({field: value}
+of fluxtrain.fp8.Fp8Recipe), fp8_keep_transposed, fp8_backward, compile, graphs,
+other_sizes (resolutions stepped twice each before the timed one, as a dataset with
+several buckets does), compile_dynamic (compile_blocks' `dynamic`), profile,
+random_up, grads_file, resident_gb.
 
 FLOPs (for MFU) are counted exactly per matmul, model FLOPs only: each frozen
 linear 2*M*K*N forward + 2*M*K*N input-gradient (no weight gradient: the base is

@@ -16,9 +16,10 @@ per row (token). The base weight is frozen, so no weight gradient is ever needed
 the LoRA path runs in bf16 elsewhere. `Fp8Recipe` holds the choices that trade
 speed against the float8 forward's error (benchmarks/NOTES.md measures them).
 
-`enable_fp8_compute(model, device)` turns it on for every FrozenLinear whose
-weight is float8_e4m3fn, and only where the device supports it; passing
-`enabled=False` turns it off (the bf16-cast path is then used everywhere).
+`enable_fp8_compute(model, device)` turns it on for the FrozenLinears whose
+weight is float8_e4m3fn (by default only the model's `token_linears()`), and
+only where the device supports it; passing `enabled=False` turns it off (the
+bf16-cast path is then used everywhere).
 """
 
 from __future__ import annotations
@@ -121,11 +122,6 @@ def weight_scale_f32(weight: torch.Tensor, scale: torch.Tensor | None,
     return scale.reshape(()).to(device=device, dtype=torch.float32)
 
 
-def rows(x: torch.Tensor) -> int:
-    """How many rows a matmul over the last dimension of `x` has."""
-    return x.numel() // max(1, x.shape[-1])
-
-
 def _b_scale(w_scale: torch.Tensor, n: int, rowwise: bool) -> torch.Tensor:
     """The weight's per-tensor scale in the shape `_scaled_mm` wants beside a per-row
     scale of the first operand: [1, n]."""
@@ -182,11 +178,14 @@ def fp8_eligible(layer) -> bool:
             and w.shape[1] % 16 == 0 and (s is None or s.numel() == 1))
 
 
+_ROWWISE: dict[tuple, bool] = {}   # (device, first operand dtype) -> per-row scales work
+
+
 def rowwise_supported(device, first: torch.dtype = E4M3) -> bool:
     """Whether the device's `_scaled_mm` takes per-row scales with a `first` (e4m3: the
     forward; e5m2: the input-gradient) times e4m3 product. Builds and devices differ
-    (the per-row kernel is CUTLASS, built for CUDA 12 and newer, not on Windows); a
-    16 x 16 product is tried once per device and dtype."""
+    (torch ships per-row kernels only for some architectures, CUDA versions and
+    operand types); a 16 x 16 product is tried once per device and dtype."""
     key = (str(torch.device(device)), first)
     if key not in _ROWWISE:
         a = torch.zeros(16, 16, device=device, dtype=first)
@@ -202,9 +201,6 @@ def rowwise_supported(device, first: torch.dtype = E4M3) -> bool:
     return _ROWWISE[key]
 
 
-_ROWWISE: dict[tuple, bool] = {}
-
-
 def enable_fp8_compute(model: torch.nn.Module, device=None, enabled: bool = True,
                        backward: bool = True, keep_transposed: bool = False,
                        recipe: Fp8Recipe = Fp8Recipe()) -> int:
@@ -215,7 +211,8 @@ def enable_fp8_compute(model: torch.nn.Module, device=None, enabled: bool = True
     stay float8). `keep_transposed` keeps a column-major copy of every resident
     float8 weight for the input-gradient (one more byte per weight, ~12 GB for
     Flux) instead of transposing each weight in every backward. `recipe` sets the
-    scaling granularity, the accumulation and the smallest matmul run in float8."""
+    scaling granularity, the accumulation and which layers run in float8; per-row
+    scales fall back to per-tensor ones where the device has no per-row kernel."""
     from .layers import FrozenLinear
 
     if device is None:
