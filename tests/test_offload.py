@@ -112,6 +112,30 @@ def test_offloaded_model_has_the_same_outputs_and_lora_grads(model_and_inputs):
     assert off.counters["fetches"] == 2 * n
 
 
+def test_offloaded_float8_compute_matches_resident_float8_compute(model_and_inputs, monkeypatch):
+    """Float8 matmuls on staged weights (forward, recompute, input-gradient from the
+    saved staged copy) compute what they compute on resident weights."""
+    from fluxtrain import fp8
+    from fluxtrain.layers import FrozenLinear
+    monkeypatch.setattr(fp8, "supports_fp8_matmul", lambda d: True)
+    model, inputs = model_and_inputs
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, FrozenLinear):
+                m.weight.data = m.weight.data.to(torch.float8_e4m3fn)
+    resident = copy.deepcopy(model)
+    resident.set_checkpointing(0, 0)
+    assert fp8.enable_fp8_compute(resident, "cpu") > 0
+    ref_out, ref_grads = out_and_grads(resident, inputs)
+    offload.install(model, "cpu")
+    assert fp8.enable_fp8_compute(model, "cpu") == fp8.enable_fp8_compute(resident, "cpu")
+    out, grads = out_and_grads(model, inputs)
+    assert torch.equal(out, ref_out)
+    assert grads.keys() == ref_grads.keys() and len(grads) > 0
+    for k in grads:
+        assert torch.equal(grads[k], ref_grads[k]), k
+
+
 def test_compiled_offloaded_blocks_match_eager_and_compile_like_resident_ones(model_and_inputs):
     """Staged weights are plain tensor inputs of the compiled blocks: no graph break per
     layer, no recompile when the next step stages fresh copies, the same gradients."""
