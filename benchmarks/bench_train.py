@@ -254,7 +254,7 @@ def run_config(cfg: dict) -> dict:
     if cfg.get("other_sizes"):
         # As a dataset with several buckets does: steps at other sizes first, so that the
         # compiled blocks have seen more than one shape (dynamo then recompiles them with
-        # dynamic shapes unless automatic_dynamic_shapes is off) before the timed size.
+        # dynamic shapes, or per size with compile_dynamic false) before the timed size.
         t_other = time.perf_counter()
         for other in cfg["other_sizes"]:
             batch = make_batch(other)
@@ -299,7 +299,7 @@ def run_config(cfg: dict) -> dict:
                free_vram_at_start_gib=free_at_start / 2**30,
                ballast_gib=(ballast.numel() / 2**30) if ballast is not None else 0.0,
                build_s=build_s, other_sizes_s=other_sizes_s, warmup_s=first_steps_s,
-               dynamo_automatic_dynamic_shapes=_automatic_dynamic(), losses=losses, losses_finite=all(map(lambda v: v == v and abs(v) < 1e30, losses)),
+               losses=losses, losses_finite=all(map(lambda v: v == v and abs(v) < 1e30, losses)),
                fp8_layers=n_fp8, lora_layers=len(adapters),
                lora_params=sum(p.numel() for p in lora_params),
                device=name, torch=torch.__version__,
@@ -314,14 +314,6 @@ def run_config(cfg: dict) -> dict:
     out["predicted_peak_gib"] = est["total"] / 2**30
     out["predicted"] = {k: v / 2**30 for k, v in est.items()}
     return out
-
-
-def _automatic_dynamic():
-    try:
-        import torch._dynamo
-        return bool(torch._dynamo.config.automatic_dynamic_shapes)
-    except Exception:      # an old torch without dynamo
-        return None
 
 
 def profile_steps(step, steps: int = 3, top: int = 30) -> dict:

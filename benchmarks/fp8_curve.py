@@ -142,7 +142,6 @@ def parse_recipe(text: str) -> tuple[fp8.Fp8Recipe, str | None]:
             fields[key] = value
         elif part.startswith("only=") and part[5:] in LAYER_CLASSES:
             only = part[5:]
-            fields["all_layers"] = True
         else:
             raise SystemExit(f"unknown float8 recipe part {part!r} in {text!r}: use default, "
                              f"{', '.join(flags)} or only=CLASS ({', '.join(LAYER_CLASSES)})")
@@ -157,14 +156,12 @@ def enable_fp8(model, device, recipe_text: str | None) -> int:
     if recipe_text is None:
         return fp8.enable_fp8_compute(model, device, enabled=False)
     recipe, only = parse_recipe(recipe_text)
-    n = fp8.enable_fp8_compute(model, device, recipe=recipe)
+    layers = None
     if only is not None:
         pattern = re.compile(LAYER_CLASSES[only])
-        for name, module in model.named_modules():
-            if isinstance(module, FrozenLinear) and module.fp8_compute and not pattern.search(name):
-                module.fp8_compute = module.fp8_backward = False
-                n -= 1
-    return n
+        layers = [m for name, m in model.named_modules()
+                  if isinstance(m, FrozenLinear) and pattern.search(name)]
+    return fp8.enable_fp8_compute(model, device, recipe=recipe, layers=layers)
 
 
 # ---------------------------------------------------------------- pieces

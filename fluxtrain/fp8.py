@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from dataclasses import dataclass
 
 import torch
 
@@ -39,7 +38,7 @@ FP8_MAX = {E4M3: 448.0, E5M2: 57344.0}
 _AMAX_FLOOR = 1e-12
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class Fp8Recipe:
     """How the frozen matmuls run in float8.
 
@@ -203,7 +202,7 @@ def rowwise_supported(device, first: torch.dtype = E4M3) -> bool:
 
 def enable_fp8_compute(model: torch.nn.Module, device=None, enabled: bool = True,
                        backward: bool = True, keep_transposed: bool = False,
-                       recipe: Fp8Recipe = Fp8Recipe()) -> int:
+                       recipe: Fp8Recipe = Fp8Recipe(), layers=None) -> int:
     """Route the frozen matmuls of `model` through float8 tensor cores where the
     device supports it. Returns how many layers now compute in float8 (0 when
     disabled or unsupported). Safe to call again to switch off. `backward=False`
@@ -212,7 +211,8 @@ def enable_fp8_compute(model: torch.nn.Module, device=None, enabled: bool = True
     float8 weight for the input-gradient (one more byte per weight, ~12 GB for
     Flux) instead of transposing each weight in every backward. `recipe` sets the
     scaling granularity, the accumulation and which layers run in float8; per-row
-    scales fall back to per-tensor ones where the device has no per-row kernel."""
+    scales fall back to per-tensor ones where the device has no per-row kernel.
+    `layers` (FrozenLinears of `model`) overrides the recipe's choice of layers."""
     from .layers import FrozenLinear
 
     if device is None:
@@ -223,8 +223,9 @@ def enable_fp8_compute(model: torch.nn.Module, device=None, enabled: bool = True
     if on and recipe.rowwise and not rowwise_supported(device, E4M3):
         recipe = dataclasses.replace(recipe, rowwise=False)
     grad_rowwise = on and backward and recipe.rowwise and rowwise_supported(device, E5M2)
-    scope = (None if recipe.all_layers or not hasattr(model, "token_linears")
-             else {id(m) for m in model.token_linears()})
+    if layers is None and not recipe.all_layers and hasattr(model, "token_linears"):
+        layers = model.token_linears()
+    scope = None if layers is None else {id(m) for m in layers}
     count = 0
     for module in model.modules():
         if isinstance(module, FrozenLinear):

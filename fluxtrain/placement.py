@@ -174,8 +174,10 @@ def compile_blocks(model: Flux, backend: str = "inductor", dynamic: bool | None 
     torch.compile: None compiles the first token count statically and recompiles once
     with dynamic shapes when a second one comes; False compiles each token count
     (bucket) statically."""
-    from torch import _dynamo    # 57 blocks share one forward: let each keep its compiled graph
-    for key in ("cache_size_limit", "recompile_limit"):    # the name differs between versions
+    from torch import _dynamo
+    # 57 blocks run one of two forwards, once per bucket shape: room for all their cache
+    # entries (the limit's name differs between torch versions)
+    for key in ("cache_size_limit", "recompile_limit"):
         if hasattr(_dynamo.config, key):
             setattr(_dynamo.config, key, max(64, getattr(_dynamo.config, key)))
     for block in model.blocks():

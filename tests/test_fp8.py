@@ -180,25 +180,15 @@ def test_fast_accumulation_is_a_forward_setting_only(monkeypatch):
         assert seen == [fast, False]      # forward as set, input-gradient always exact
 
 
-def _fp8_flux():
-    """A TINY Flux whose every weight is float8 (TINY's sizes are multiples of 16)."""
-    from fluxtrain.flux import Flux
-    from fluxtrain.params import TINY
-    from fluxtrain.synthetic import random_state_dict
-    model = Flux(TINY, dtype=torch.float8_e4m3fn)
-    sd = random_state_dict(TINY, seed=0)
-    model.load_state_dict({k: v.to(torch.float8_e4m3fn) if v.dim() == 2 else v.bfloat16()
-                           for k, v in sd.items()}, strict=False)
-    return model
-
-
 def test_default_recipe_computes_only_the_blocks_token_wise_linears_in_float8(monkeypatch):
     """Embedders, modulation and the final layer stay on the cast path: on the full-size
     model they carried 84% of the float8 forward's error for 0.3% of its matmul work
     (benchmarks/results/2026-12-01-h200-fp8floors.json)."""
     from fluxtrain.layers import FrozenLinear
+    from fluxtrain.flux import Flux
+    from fluxtrain.params import TINY
     monkeypatch.setattr(fp8, "supports_fp8_matmul", lambda d: True)
-    model = _fp8_flux()
+    model = Flux(TINY, dtype=torch.float8_e4m3fn)   # which layers, not values: uninitialised
     names = {id(m): n for n, m in model.named_modules()}
     token = {names[id(m)] for m in model.token_linears()}
     assert token and not any("mod" in n for n in token)
@@ -213,6 +203,9 @@ def test_default_recipe_computes_only_the_blocks_token_wise_linears_in_float8(mo
     assert every == sum(fp8.fp8_eligible(m) for m in frozen) > n
     assert {"img_in", "final_layer.linear", "double_blocks.0.img_mod.lin"} <= {
         names[id(m)] for m in frozen if m.fp8_compute}
+
+    # an explicit layer list overrides the recipe's choice (the benchmark's "only=CLASS")
+    assert fp8.enable_fp8_compute(model, "cpu", layers=[model.img_in]) == 1 and model.img_in.fp8_compute
 
 
 def test_without_per_row_kernels_the_recipe_falls_back_to_per_tensor(monkeypatch):
