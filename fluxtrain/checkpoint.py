@@ -5,7 +5,10 @@ including float8, with or without an all-in-one prefix; ComfyUI's scaled fp8
 (`<layer>.scale_weight` + a `scaled_fp8` marker); and a diffusers folder
 (`transformer/` with sharded safetensors and an index). Tensors are read one by
 one from memory-mapped files and keep their stored dtype: a float8 model stays
-float8 in memory, and no bf16 copy of the whole model is ever built.
+float8 in memory, and no bf16 copy of the whole model is ever built. Where the
+weights must end up in a buffer of their own (offloading's page-locked host
+memory), `stored_bytes` says where each tensor's bytes lie and `read_into` reads
+them there without mapping the file, so they are not held twice.
 """
 
 from __future__ import annotations
@@ -223,9 +226,18 @@ def _open_all(files: list[Path], stack: ExitStack) -> dict[str, object]:
 
 @dataclass(frozen=True)
 class TensorMeta:
-    """What a safetensors header says about one tensor."""
+    """What a safetensors header says about one tensor, and where its bytes lie."""
     dtype: torch.dtype
     shape: tuple[int, ...]
+    file: str = ""
+    start: int = 0            # absolute offset of the first byte in `file`
+
+    @property
+    def nbytes(self) -> int:
+        n = self.dtype.itemsize
+        for d in self.shape:
+            n *= d
+        return n
 
 
 _ST_DTYPES = {name: getattr(torch, attr) for name, attr in (
@@ -270,7 +282,7 @@ def read_header(path: str | os.PathLike) -> dict[str, TensorMeta]:
             if not 0 <= begin <= stop or stop - begin != numel * dtype.itemsize:
                 raise ValueError(f"tensor {key!r}: data_offsets {[begin, stop]} do not fit "
                                  f"{entry['dtype']} {list(shape)}")
-            metas[key] = TensorMeta(dtype, shape)
+            metas[key] = TensorMeta(dtype, shape, str(path), 8 + n + begin)
             end = max(end, stop)
         if 8 + n + end != size:
             raise ValueError(f"the header describes {8 + n + end} bytes, the file has {size}")
@@ -436,6 +448,39 @@ def describe_checkpoint(path: str | os.PathLike, require_guidance: bool = False)
     `weight_scales` stays empty: scaled-fp8 scales are tensor data (format says
     "scaled_fp8" all the same)."""
     return _layout(path, require_guidance).info
+
+
+def stored_bytes(path: str | os.PathLike) -> dict[str, TensorMeta]:
+    """{BFL key: where its bytes lie} for the tensors a checkpoint stores exactly as the
+    model holds them (one stored tensor, no concatenation or reordering); headers only.
+    Diffusers' fused projections and the reordered final layer are not in it."""
+    layout = _layout(path, require_guidance=False)
+    metas = _read_headers([Path(f) for f in layout.info.files])
+    return {bfl: metas[keys[0]] for bfl, keys in layout.sources.items()
+            if len(keys) == 1 and not (layout.info.format == "diffusers" and bfl in SWAP_HALVES)}
+
+
+def read_into(meta: TensorMeta, out: torch.Tensor) -> None:
+    """Read one stored tensor's bytes from its file straight into `out` (a contiguous
+    CPU tensor of the same dtype and shape) with plain reads: the file is never mapped,
+    so its pages stay in the page cache instead of counting in this process's memory."""
+    if out.dtype != meta.dtype or tuple(out.shape) != meta.shape or not out.is_contiguous() \
+            or out.device.type != "cpu":
+        raise ValueError(f"read_into: {meta.file} holds {meta.dtype} {list(meta.shape)} at byte "
+                         f"{meta.start}, the destination is {out.dtype} {list(out.shape)} on "
+                         f"{out.device} (contiguous: {out.is_contiguous()})")
+    view = memoryview(out.view(-1).view(torch.uint8).numpy())
+    try:
+        with open(meta.file, "rb") as fh:
+            fh.seek(meta.start)
+            done = 0
+            while done < meta.nbytes:
+                got = fh.readinto(view[done:])
+                if not got:
+                    raise ValueError(f"the file ended {meta.nbytes - done} bytes early")
+                done += got
+    except (OSError, ValueError) as e:
+        raise _corrupt(meta.file, e) from e
 
 
 def load_state_dict(path: str | os.PathLike, require_guidance: bool = False

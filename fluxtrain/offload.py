@@ -1,8 +1,9 @@
 """Frozen base weights in host memory, brought into VRAM block by block.
 
 For cards that cannot hold the 12 GB float8 base next to the activations. Every
-FrozenLinear inside the transformer blocks gets its weight moved to pinned host
-memory. Around each run of a block (its forward, and its recompute in backward:
+FrozenLinear inside the transformer blocks gets its weight moved to one page-locked
+host buffer (`HostArena`), read there straight from the checkpoint file when the
+model came from one. Around each run of a block (its forward, and its recompute in backward:
 offloading needs every block checkpointed) a forward pre-hook stages a fresh device
 copy of each of its weights in `layer.staged_weight`, and the forward hook drops
 those references again. Backward uses the weights saved by the recompute, so each
@@ -19,12 +20,12 @@ Two backends, same contract (`_fetch(layer) -> the weight on the device`):
   signature is unchanged the bytes are still there and nothing moves, so the
   weights that fit stay resident across steps, and aimdo's driver hooks evict
   pages when torch needs the memory. A changed signature means the page was
-  refilled with garbage: we copy from the pinned host copy. The layer gets a
+  refilled with garbage: we copy from the host copy. The layer gets a
   *clone* and the slice is unpinned at once: no tensor viewing VBAR memory
   outlives its unpin (autograd keeping one would be an illegal memory access).
   Weights whose fault finds no room are streamed like the fallback does.
 - **pinned** (fallback: no CUDA, no aimdo, or `init_devices` failed; said once):
-  copies from pinned host memory.
+  copies from the page-locked host buffer.
 
 Streamed weights are prefetched on a side stream, in the order they were staged
 last step (forward, then recompute in reverse; learnt during the first step), up to
@@ -40,10 +41,14 @@ first fault; HostBuffer segfaults without CUDA, so it is never used here.
 from __future__ import annotations
 
 import logging
+import sys
+import weakref
+from typing import Mapping, Sequence
 
 import torch
 from torch import nn
 
+from .checkpoint import TensorMeta, read_into
 from .layers import FrozenLinear
 from .memory import OFFLOAD_PREFETCH_BYTES as PREFETCH_BYTES
 
@@ -51,6 +56,119 @@ log = logging.getLogger(__name__)
 
 _aimdo_state: dict = {"tried": False, "ok": False, "reason": ""}
 _said_fallback = False
+HOST_ALIGN = 4096             # each weight starts on its own page: clean DMA, no shared pages
+
+
+class HostMemoryError(RuntimeError):
+    """The machine has not enough free host memory for the offloaded weights."""
+
+
+def available_host_bytes() -> int | None:
+    """MemAvailable of /proc/meminfo (free memory plus reclaimable page cache); None where
+    there is no such file (not Linux), and then nothing is checked."""
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+class HostArena:
+    """Host memory for the offloaded weights: one buffer, each weight at its exact size
+    (page-aligned), page-locked in place with cudaHostRegister when the weights stream to
+    a CUDA device, so copies from it are asynchronous DMA.
+
+    Why not `tensor.pin_memory()` per weight: torch's pinned allocator rounds every block
+    up to a power of two (Flux's 11.9 GB of block weights took 18.5 GB of page-locked
+    memory that way), and pinning a copy of a memory-mapped tensor also holds the file's
+    pages while it copies. Page-locking can fail (a limit of the OS or the driver); the
+    weights then stay in pageable memory, which streams several times slower, and a
+    warning says so."""
+
+    def __init__(self, layout: Sequence[tuple[tuple[int, ...], torch.dtype]], pin: bool):
+        offsets, total = [], 0
+        for shape, dtype in layout:
+            offsets.append(total)
+            nbytes = dtype.itemsize * _numel(shape)
+            total += -(-nbytes // HOST_ALIGN) * HOST_ALIGN
+        available = available_host_bytes()
+        if available is not None and total > available:
+            raise HostMemoryError(
+                f"offloading keeps the base's block weights in host memory: {total / 2**30:.1f} "
+                f"GiB are needed, {available / 2**30:.1f} GiB are available. Close other "
+                "programs (ComfyUI's own models count too), or train without offloading "
+                "(memory 'lean' needs about 15 GiB of VRAM at 1024x1024).")
+        # Page-aligned start: one spare page, the buffer begins at the first boundary.
+        raw = torch.empty(total + HOST_ALIGN, dtype=torch.uint8)
+        skip = -raw.data_ptr() % HOST_ALIGN
+        self.buffer = raw[skip:skip + total]
+        self.nbytes = total
+        self.tensors = [self.buffer[o:o + dtype.itemsize * _numel(shape)].view(dtype).view(shape)
+                        for o, (shape, dtype) in zip(offsets, layout)]
+        self.pinned, self.pin_error = False, ""
+        if pin and total:
+            self.pin_error = _host_register(self.buffer)
+            self.pinned = not self.pin_error
+            if self.pin_error:
+                log.warning("fluxtrain offload: could not page-lock %.1f GiB of host memory (%s); "
+                            "weights stream from pageable memory, several times slower",
+                            total / 2**30, self.pin_error)
+        self._unpin = (weakref.finalize(self, _host_unregister, self.buffer.data_ptr())
+                       if self.pinned else None)
+
+    def release(self) -> None:
+        """Undo the page-locking (the memory itself goes with the last tensor using it)."""
+        if self._unpin is not None:
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()      # no copy from it may still be in flight
+            self._unpin()
+            self._unpin = None
+            self.pinned = False
+
+
+def _numel(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def _cudart():
+    return torch.cuda.cudart()
+
+
+def _host_register(buffer: torch.Tensor) -> str:
+    """Page-lock `buffer` in place; "" on success, else why not."""
+    try:
+        err = _cudart().cudaHostRegister(buffer.data_ptr(), buffer.numel(), 0)
+        code = int(getattr(err, "value", err))
+    except Exception as e:  # no CUDA runtime, a driver refusing
+        return f"{type(e).__name__}: {e}"
+    if code == 0:
+        return ""
+    _clear_cuda_error()
+    return f"cudaHostRegister returned CUDA error {code}"
+
+
+def _host_unregister(ptr: int) -> None:
+    try:
+        _cudart().cudaHostUnregister(ptr)
+    except Exception:  # interpreter shutdown, CUDA already torn down
+        if not sys.is_finalizing():
+            raise
+
+
+def _clear_cuda_error() -> None:
+    # A failed cudaHostRegister can leave its error queued, and torch would then report
+    # it from an unrelated kernel: take it off with one small synchronised op.
+    try:
+        torch.ones(1, device="cuda").add_(1)
+        torch.cuda.synchronize()
+    except Exception:
+        pass
 
 
 def init_aimdo(device_index: int = 0) -> bool:
@@ -142,6 +260,8 @@ class Offloader:
         self.block_layers: dict[int, list[FrozenLinear]] = {}
         self.staged: list[FrozenLinear] = []     # the layers of the block now staged
         self.vbar = None
+        self.arena: HostArena | None = None
+        self.read_from_file = 0                   # weights read from the checkpoint, not copied
         self.order: list[int] = []                # layer ids in last step's fetch order
         self.recording: list[int] = []
         self.pos = 0
@@ -278,7 +398,10 @@ class Offloader:
         total = sum(e.nbytes for e in self.entries.values())
         resident = sum(e.nbytes for e in self.entries.values() if e.resident is not None)
         out = dict(backend=self.backend, layers=len(self.entries), offloaded_bytes=total,
-                   resident_bytes=resident, prefetch_bytes=self.prefetch_bytes, **self.counters)
+                   resident_bytes=resident, prefetch_bytes=self.prefetch_bytes,
+                   host_bytes=self.arena.nbytes if self.arena else 0,
+                   host_pinned=bool(self.arena and self.arena.pinned),
+                   read_from_file=self.read_from_file, **self.counters)
         if self.vbar is not None:
             out["vbar_loaded_bytes"] = int(self.vbar.loaded_size())
         if not aimdo_usable():
@@ -291,16 +414,22 @@ class Offloader:
         if self.vbar is not None:
             self.vbar.close()
             self.vbar = None
+        if self.arena is not None:
+            self.arena.release()
 
 
 def install(model: nn.Module, device, prefer: str = "aimdo", resident_bytes: int | None = None,
-            prefetch_bytes: int = PREFETCH_BYTES) -> Offloader:
+            prefetch_bytes: int = PREFETCH_BYTES,
+            sources: Mapping[str, TensorMeta] | None = None) -> Offloader:
     """Offload the block weights of `model` (a Flux with every block checkpointed) to
-    pinned host memory and move everything else to `device`. `prefer` "aimdo" uses
+    page-locked host memory and move everything else to `device`. `prefer` "aimdo" uses
     comfy-aimdo when it initialises (else the pinned fallback, said once); "pinned"
     forces the fallback. `resident_bytes` keeps that many bytes of weights in ordinary
     VRAM (pinned backend) or caps the VBAR's resident set (aimdo backend); None lets
-    aimdo use whatever VRAM is free."""
+    aimdo use whatever VRAM is free. `sources` ({key: where its bytes lie}, from
+    checkpoint.stored_bytes of the file the model was just loaded from) reads those
+    weights from the file into host memory instead of copying the model's tensors:
+    the model's memory-mapped pages are never touched, so the file is not held twice."""
     if (model.checkpointed_double, model.checkpointed_single) != (
             len(model.double_blocks), len(model.single_blocks)):
         raise ValueError(
@@ -324,13 +453,17 @@ def install(model: nn.Module, device, prefer: str = "aimdo", resident_bytes: int
         for bname, b in list(module._buffers.items()):
             if b is not None and b.device != device:
                 module._buffers[bname] = b.to(device)
-    pin = device.type == "cuda"
+    off.arena = HostArena([(tuple(layer.weight.shape), layer.weight.dtype) for _, layer in targets],
+                          pin=device.type == "cuda")
     budget = 0 if resident_bytes is None else int(resident_bytes)
-    for name, layer in targets:
-        w = layer.weight.data
-        host = w.to("cpu") if w.device.type != "cpu" else w
-        if pin and not host.is_pinned():
-            host = host.pin_memory()
+    sources = sources or {}
+    for (name, layer), host in zip(targets, off.arena.tensors):
+        src = sources.get(f"{name}.weight")
+        if src is not None and src.dtype == layer.weight.dtype and src.shape == tuple(layer.weight.shape):
+            read_into(src, host)
+            off.read_from_file += 1
+        else:
+            host.copy_(layer.weight.data)
         e = _Entry(name, host)
         if backend == "pinned" and budget >= e.nbytes:
             e.resident = host.to(device)                  # kept in VRAM by the plan
@@ -354,6 +487,7 @@ def install(model: nn.Module, device, prefer: str = "aimdo", resident_bytes: int
     model.register_forward_pre_hook(lambda mod, args: off.step_begins())
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    log.info("fluxtrain offload: %d layers, %.1f GiB in host memory, backend %s", len(targets),
-             total / 2**30, backend)
+    log.info("fluxtrain offload: %d layers, %.1f GiB in %s host memory (%d read from the file), "
+             "backend %s", len(targets), total / 2**30,
+             "page-locked" if off.arena.pinned else "pageable", off.read_from_file, backend)
     return off

@@ -21,7 +21,7 @@ import torch
 
 from . import fp8, memory, offload
 from .checkpoint import (CheckpointInfo, describe_checkpoint, describe_state_dict,
-                         flux_from_state_dict, load_flux)
+                         flux_from_state_dict, load_flux, stored_bytes)
 from .flux import Flux
 from .train import MEMORY_MODES
 
@@ -146,7 +146,8 @@ def load_base_for_training(source, config, dataset, device,
     offloader = None
     if offloading:
         resident = plan.resident_bytes if plan else 0
-        offloader = offload.install(model, device, resident_bytes=resident)
+        offloader = offload.install(model, device, resident_bytes=resident,
+                                    sources=stored_bytes(source))
         description += f", weights streamed from host memory ({offloader.backend})"
     if config.fp8_compute:
         keep = not offloading and room_for_transposed_weights(free, memory.estimate(

@@ -442,3 +442,37 @@ def test_unsharded_diffusers_folder_loads_and_foreign_tensors_are_named(read, tm
     with pytest.raises(CheckpointError,
                        match="no place in a Flux transformer.*pos_embed.proj.weight"):
         read(tmp_path / "model")
+
+
+@pytest.mark.parametrize("fmt", FORMATS, ids=[f[0] for f in FORMATS])
+def test_stored_bytes_read_back_exactly_what_the_loader_gives(tmp_path, fmt):
+    """Offloading reads weights with plain reads at these offsets instead of mapping
+    the file: every tensor stored as the model holds it must come back bit for bit."""
+    _, write, _, fmt_name, _ = fmt
+    path = write(random_state_dict(TINY, seed=4), tmp_path)
+    loaded, _ = load_state_dict(path)
+    where = checkpoint.stored_bytes(path)
+    if fmt_name == "diffusers":   # fused projections and the reordered final layer are built
+        assert "double_blocks.0.img_attn.qkv.weight" not in where
+        assert "single_blocks.0.linear1.weight" not in where
+        assert "final_layer.adaLN_modulation.1.weight" not in where
+        assert "double_blocks.0.img_mlp.0.weight" in where
+    else:
+        assert set(where) == set(loaded)
+    for key, meta in where.items():
+        out = torch.empty(meta.shape, dtype=meta.dtype)
+        checkpoint.read_into(meta, out)
+        assert torch.equal(bits(out), bits(loaded[key])), key
+
+
+def test_read_into_refuses_a_wrong_destination_and_names_a_truncated_file(tmp_path, tiny_sd):
+    path = tmp_path / "m.safetensors"
+    write_bfl(tiny_sd, path, F8)
+    meta = checkpoint.stored_bytes(path)["double_blocks.0.img_mlp.0.weight"]
+    with pytest.raises(ValueError, match=r"holds torch.float8_e4m3fn \[.*destination is torch.bfloat16"):
+        checkpoint.read_into(meta, torch.empty(meta.shape, dtype=torch.bfloat16))
+    with pytest.raises(ValueError, match="contiguous: False"):
+        checkpoint.read_into(meta, torch.empty(meta.shape[::-1], dtype=F8).t())
+    os.truncate(path, meta.start + meta.nbytes // 2)
+    with pytest.raises(CheckpointError, match="ended .* bytes early.*truncated or corrupt"):
+        checkpoint.read_into(meta, torch.empty(meta.shape, dtype=F8))

@@ -1,21 +1,26 @@
 """Offloading frozen weights to host memory (fluxtrain.offload), on the CPU:
 backend choice and the once-only fallback message, equality of outputs and LoRA
 gradients with the resident model (eager and with compiled blocks), how long staged
-weight copies live, the learnt prefetch order and what gets prefetched. The aimdo
-path itself needs CUDA and runs in the benchmark."""
+weight copies live, the learnt prefetch order and what gets prefetched, and the host
+memory the weights live in (one exact-size buffer, filled from the checkpoint file,
+page-locked in one call; its failure and a machine short of memory). The aimdo path
+and real page-locking need CUDA and run in the benchmark."""
 
 import copy
 import gc
 import logging
 import weakref
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 from fluxtrain import offload
+from fluxtrain.checkpoint import load_flux, read_into, stored_bytes
 from fluxtrain.flux import Flux, pack_latents, text_ids
 from fluxtrain.lora import LoRAConfig, attach_lora
 from fluxtrain.params import TINY
+from fluxtrain.synthetic import write_bfl
 
 
 @pytest.fixture(autouse=True)
@@ -242,3 +247,108 @@ def test_prefetch_plan_fills_the_byte_budget_skips_resident_weights_and_wraps_ar
     off.inflight = {k: None for k in plan}
     off.pos = 0
     assert not set(off.prefetch_plan()) & set(plan), "weights in flight are not copied again"
+
+
+def test_host_arena_holds_each_weight_at_its_exact_size_on_its_own_page():
+    layout = [((3, 5), torch.float8_e4m3fn), ((4096,), torch.bfloat16), ((7, 1), torch.float32)]
+    arena = offload.HostArena(layout, pin=False)
+    spans = []
+    for t, (shape, dtype) in zip(arena.tensors, layout):
+        assert (tuple(t.shape), t.dtype) == (shape, dtype) and t.is_contiguous()
+        assert t.data_ptr() % offload.HOST_ALIGN == 0
+        spans.append((t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()))
+    assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:])), "weights overlap"
+    assert arena.nbytes == 4 * offload.HOST_ALIGN   # 15 B, 8 KiB, 28 B: 1 + 2 + 1 pages
+    for t in arena.tensors:
+        t.view(torch.uint8).fill_(0)
+    arena.tensors[1].fill_(1.0)
+    assert arena.tensors[0].view(torch.uint8).sum() == 0 and arena.tensors[2].sum() == 0
+
+
+def test_offloaded_weights_are_read_from_the_file_not_from_the_models_tensors(tmp_path, tiny_sd,
+                                                                            monkeypatch):
+    """With `sources`, install reads each weight's bytes from the checkpoint (so the
+    model's memory-mapped copy is never touched); without, it copies the tensor."""
+    path = tmp_path / "m.safetensors"
+    write_bfl(tiny_sd, path, torch.float8_e4m3fn)
+    reads = []
+
+    def counted_read(meta, out):
+        reads.append(meta)
+        read_into(meta, out)
+    monkeypatch.setattr(offload, "read_into", counted_read)
+    for sources in (stored_bytes(path), None):
+        model, _ = load_flux(path)
+        model.set_checkpointing(TINY.depth, TINY.depth_single_blocks)
+        targets = offload.offload_targets(model)
+        for _, layer in targets:     # what the file holds and what the model holds now differ
+            layer.weight.data = torch.zeros_like(layer.weight)
+        reads.clear()
+        off = offload.install(model, "cpu", sources=sources)
+        file_weights, _ = load_flux(path)
+        for name, layer in targets:
+            want = (file_weights.get_submodule(name).weight if sources else torch.zeros_like(layer.weight))
+            assert torch.equal(layer.weight.view(torch.uint8), want.view(torch.uint8)), name
+            assert layer.weight.data_ptr() % offload.HOST_ALIGN == 0
+        assert len(reads) == off.stats()["read_from_file"] == (len(targets) if sources else 0)
+
+
+def test_a_source_of_another_dtype_is_copied_not_read(tmp_path, tiny_sd):
+    write_bfl(tiny_sd, tmp_path / "bf16.safetensors", torch.bfloat16)
+    write_bfl(tiny_sd, tmp_path / "fp8.safetensors", torch.float8_e4m3fn)
+    model, _ = load_flux(tmp_path / "fp8.safetensors")
+    model.set_checkpointing(TINY.depth, TINY.depth_single_blocks)
+    before = {n: m.weight.clone() for n, m in offload.offload_targets(model)}
+    off = offload.install(model, "cpu", sources=stored_bytes(tmp_path / "bf16.safetensors"))
+    assert off.read_from_file == 0
+    for n, m in offload.offload_targets(model):
+        assert m.weight.dtype == torch.float8_e4m3fn
+        assert torch.equal(m.weight.view(torch.uint8), before[n].view(torch.uint8)), n
+
+
+@pytest.fixture
+def fake_cudart(monkeypatch):
+    calls = SimpleNamespace(register=[], unregister=[], result=0)
+
+    def register(ptr, size, flags):
+        calls.register.append((ptr, size, flags))
+        return calls.result
+    cudart = SimpleNamespace(cudaHostRegister=register,
+                             cudaHostUnregister=lambda ptr: calls.unregister.append(ptr) or 0)
+    monkeypatch.setattr(offload, "_cudart", lambda: cudart)
+    monkeypatch.setattr(offload, "_clear_cuda_error", lambda: None)
+    return calls
+
+
+LAYOUT = [((64, 32), torch.float8_e4m3fn), ((32, 64), torch.float8_e4m3fn)]
+
+
+def test_the_arena_is_page_locked_in_one_call_and_unlocked_once(fake_cudart):
+    arena = offload.HostArena(LAYOUT, pin=True)
+    assert arena.pinned and fake_cudart.register == [(arena.buffer.data_ptr(), arena.nbytes, 0)]
+    arena.release()
+    arena.release()
+    assert fake_cudart.unregister == [arena.buffer.data_ptr()] and not arena.pinned
+    forgotten = offload.HostArena(LAYOUT, pin=True)     # never released: unlocked when collected
+    ptr = forgotten.buffer.data_ptr()
+    del forgotten
+    gc.collect()
+    assert fake_cudart.unregister[-1] == ptr and len(fake_cudart.unregister) == 2
+
+
+def test_a_failed_page_lock_is_said_and_training_goes_on_in_pageable_memory(fake_cudart, caplog):
+    fake_cudart.result = 2    # cudaErrorMemoryAllocation
+    with caplog.at_level(logging.WARNING, logger="fluxtrain.offload"):
+        arena = offload.HostArena(LAYOUT, pin=True)
+    assert not arena.pinned and "error 2" in arena.pin_error
+    assert any("could not page-lock" in r.getMessage() and "pageable" in r.getMessage()
+               for r in caplog.records)
+    arena.release()
+    assert fake_cudart.unregister == []
+
+
+def test_too_little_host_memory_is_refused_before_anything_is_allocated(model_and_inputs, monkeypatch):
+    model, _ = model_and_inputs
+    monkeypatch.setattr(offload, "available_host_bytes", lambda: 4096)
+    with pytest.raises(offload.HostMemoryError, match=r"GiB are needed, 0.0 GiB are available.*lean"):
+        offload.install(model, "cpu")

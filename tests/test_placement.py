@@ -84,6 +84,9 @@ def test_every_memory_mode_trains_the_same_losses(base_and_data, tmp_path, mode)
                                                placed.model.params.depth_single_blocks)
         assert (placed.model.checkpointed_double, placed.model.checkpointed_single) == expected
         assert (placed.offloader is not None) == (m == "offload")
+        if placed.offloader:   # every block weight came from the file, not from a mapped copy
+            stats = placed.offloader.stats()
+            assert stats["read_from_file"] == stats["layers"] > 0
         losses[m] = train(placed.model, data, config, tmp_path / m, log=lambda _: None).losses
         placed.release()
     assert losses[mode] == losses["fast"]
