@@ -6,7 +6,7 @@ trained by the headless command (the same placement and loop as the node).
 1. writes a random full-size Flux-dev float8 file (12 GB, the released layout) and a
    small encoded dataset at 1024x1024 (T5 length 512);
 2. runs `python -m fluxtrain.cli` on them once per setting given, recording the peak
-   host RSS of the training process (ru_maxrss of the child), the seconds from start to
+   host RSS of each training process (its own ru_maxrss), the seconds from start to
    the first finished step, and the step times it printed.
 """
 
@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
-import resource
 import subprocess
 import sys
 import time
@@ -76,12 +76,15 @@ def run_cli(base: Path, data: Path, work: Path, tag: str, extra: list[str]) -> d
         if m:
             first_step = first_step or time.monotonic() - began
             steps.append(float(m.group(4)))
-    proc.wait()
-    rss_gib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2 ** 20
+    _, status, usage = os.wait4(proc.pid, 0)      # this child's own peak, not the max so far
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    rss_gib = usage.ru_maxrss / 2 ** 20
     timed = sorted(steps[3:]) or sorted(steps)
     return {"tag": tag, "args": extra, "exit": proc.returncode, "seconds_to_first_step": first_step,
             "median_step_s": timed[len(timed) // 2] if timed else None, "step_times": steps,
-            "peak_child_rss_gib_so_far": rss_gib, "log_tail": lines[-8:]}
+            "peak_rss_gib": rss_gib,
+            "placement": next((x for x in lines if x.startswith("[fluxtrain] memory")), None),
+            "log_tail": lines[-8:]}
 
 
 def main() -> int:
@@ -105,7 +108,7 @@ def main() -> int:
         args.out.write_text(json.dumps(results, indent=1))
     for r in results["runs"]:
         print(f"{r['tag']:>10} exit {r['exit']} first step after {r['seconds_to_first_step']} s, "
-              f"median {r['median_step_s']} s/step, peak child RSS so far {r['peak_child_rss_gib_so_far']:.1f} GiB")
+              f"median {r['median_step_s']} s/step, peak RSS {r['peak_rss_gib']:.1f} GiB")
     return 0
 
 

@@ -88,17 +88,19 @@ class HostArena:
     weights then stay in pageable memory, which streams several times slower, and a
     warning says so."""
 
-    def __init__(self, layout: Sequence[tuple[tuple[int, ...], torch.dtype]], pin: bool):
+    def __init__(self, layout: Sequence[tuple[tuple[int, ...], torch.dtype]], freed_bytes: int = 0):
+        """`layout`: (shape, dtype) of each weight, in order. `freed_bytes`: host memory
+        that the weights being copied in free as they go (they count as available)."""
         offsets, total = [], 0
         for shape, dtype in layout:
             offsets.append(total)
             nbytes = dtype.itemsize * _numel(shape)
             total += -(-nbytes // HOST_ALIGN) * HOST_ALIGN
         available = available_host_bytes()
-        if available is not None and total > available:
+        if available is not None and total > available + freed_bytes:
             raise HostMemoryError(
                 f"offloading keeps the base's block weights in host memory: {total / 2**30:.1f} "
-                f"GiB are needed, {available / 2**30:.1f} GiB are available. Close other "
+                f"GiB are needed, {(available + freed_bytes) / 2**30:.1f} GiB are available. Close other "
                 "programs (ComfyUI's own models count too), or train without offloading "
                 "(memory 'lean' needs about 15 GiB of VRAM at 1024x1024).")
         # Page-aligned start: one spare page, the buffer begins at the first boundary.
@@ -109,15 +111,23 @@ class HostArena:
         self.tensors = [self.buffer[o:o + dtype.itemsize * _numel(shape)].view(dtype).view(shape)
                         for o, (shape, dtype) in zip(offsets, layout)]
         self.pinned, self.pin_error = False, ""
-        if pin and total:
-            self.pin_error = _host_register(self.buffer)
-            self.pinned = not self.pin_error
-            if self.pin_error:
-                log.warning("fluxtrain offload: could not page-lock %.1f GiB of host memory (%s); "
-                            "weights stream from pageable memory, several times slower",
-                            total / 2**30, self.pin_error)
-        self._unpin = (weakref.finalize(self, _host_unregister, self.buffer.data_ptr())
-                       if self.pinned else None)
+        self._unpin = None
+
+    def pin(self) -> bool:
+        """Page-lock the buffer in place. Call it once the weights are in: locking makes
+        every page resident at once, and the weights being copied in may still hold as
+        much memory again until each is freed."""
+        if self.pinned or not self.nbytes:
+            return self.pinned
+        self.pin_error = _host_register(self.buffer)
+        self.pinned = not self.pin_error
+        if self.pinned:
+            self._unpin = weakref.finalize(self, _host_unregister, self.buffer.data_ptr())
+        else:
+            log.warning("fluxtrain offload: could not page-lock %.1f GiB of host memory (%s); "
+                        "weights stream from pageable memory, several times slower",
+                        self.nbytes / 2**30, self.pin_error)
+        return self.pinned
 
     def release(self) -> None:
         """Undo the page-locking (the memory itself goes with the last tensor using it)."""
@@ -453,13 +463,20 @@ def install(model: nn.Module, device, prefer: str = "aimdo", resident_bytes: int
         for bname, b in list(module._buffers.items()):
             if b is not None and b.device != device:
                 module._buffers[bname] = b.to(device)
-    off.arena = HostArena([(tuple(layer.weight.shape), layer.weight.dtype) for _, layer in targets],
-                          pin=device.type == "cuda")
-    budget = 0 if resident_bytes is None else int(resident_bytes)
     sources = sources or {}
-    for (name, layer), host in zip(targets, off.arena.tensors):
+
+    def from_file(name: str, layer: FrozenLinear) -> TensorMeta | None:
         src = sources.get(f"{name}.weight")
-        if src is not None and src.dtype == layer.weight.dtype and src.shape == tuple(layer.weight.shape):
+        same = src is not None and (src.dtype, src.shape) == (layer.weight.dtype, tuple(layer.weight.shape))
+        return src if same else None
+    copied_from_host = sum(layer.weight.nbytes for name, layer in targets
+                           if layer.weight.device.type == "cpu" and from_file(name, layer) is None)
+    off.arena = HostArena([(tuple(layer.weight.shape), layer.weight.dtype) for _, layer in targets],
+                          freed_bytes=copied_from_host)
+    budget = 0 if resident_bytes is None else int(resident_bytes)
+    for (name, layer), host in zip(targets, off.arena.tensors):
+        src = from_file(name, layer)
+        if src is not None:
             read_into(src, host)
             off.read_from_file += 1
         else:
@@ -468,9 +485,11 @@ def install(model: nn.Module, device, prefer: str = "aimdo", resident_bytes: int
         if backend == "pinned" and budget >= e.nbytes:
             e.resident = host.to(device)                  # kept in VRAM by the plan
             budget -= e.nbytes
-        layer.weight.data = host
+        layer.weight.data = host          # the weight it replaces is freed here, one by one
         layer.offloader = off
         off.entries[id(layer)] = e
+    if device.type == "cuda":
+        off.arena.pin()
     for block in model.blocks():
         off.block_layers[id(block)] = [m for m in block.modules() if id(m) in off.entries]
         block.register_forward_pre_hook(off.stage)

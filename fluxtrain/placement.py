@@ -148,7 +148,9 @@ def load_base_for_training(source, config, dataset, device,
         resident = plan.resident_bytes if plan else 0
         offloader = offload.install(model, device, resident_bytes=resident,
                                     sources=stored_bytes(source))
-        description += f", weights streamed from host memory ({offloader.backend})"
+        host = offloader.arena
+        description += (f", weights streamed from {host.nbytes / 2**30:.1f} GiB of "
+                        f"{'page-locked' if host.pinned else 'pageable'} host memory ({offloader.backend})")
     if config.fp8_compute:
         keep = not offloading and room_for_transposed_weights(free, memory.estimate(
             params, tokens, dataset.text_length, config.batch_size, config.rank,

@@ -251,7 +251,7 @@ def test_prefetch_plan_fills_the_byte_budget_skips_resident_weights_and_wraps_ar
 
 def test_host_arena_holds_each_weight_at_its_exact_size_on_its_own_page():
     layout = [((3, 5), torch.float8_e4m3fn), ((4096,), torch.bfloat16), ((7, 1), torch.float32)]
-    arena = offload.HostArena(layout, pin=False)
+    arena = offload.HostArena(layout)
     spans = []
     for t, (shape, dtype) in zip(arena.tensors, layout):
         assert (tuple(t.shape), t.dtype) == (shape, dtype) and t.is_contiguous()
@@ -324,12 +324,15 @@ LAYOUT = [((64, 32), torch.float8_e4m3fn), ((32, 64), torch.float8_e4m3fn)]
 
 
 def test_the_arena_is_page_locked_in_one_call_and_unlocked_once(fake_cudart):
-    arena = offload.HostArena(LAYOUT, pin=True)
+    arena = offload.HostArena(LAYOUT)
+    assert not arena.pinned and fake_cudart.register == []
+    assert arena.pin() and arena.pin()
     assert arena.pinned and fake_cudart.register == [(arena.buffer.data_ptr(), arena.nbytes, 0)]
     arena.release()
     arena.release()
     assert fake_cudart.unregister == [arena.buffer.data_ptr()] and not arena.pinned
-    forgotten = offload.HostArena(LAYOUT, pin=True)     # never released: unlocked when collected
+    forgotten = offload.HostArena(LAYOUT)     # never released: unlocked when collected
+    forgotten.pin()
     ptr = forgotten.buffer.data_ptr()
     del forgotten
     gc.collect()
@@ -339,7 +342,8 @@ def test_the_arena_is_page_locked_in_one_call_and_unlocked_once(fake_cudart):
 def test_a_failed_page_lock_is_said_and_training_goes_on_in_pageable_memory(fake_cudart, caplog):
     fake_cudart.result = 2    # cudaErrorMemoryAllocation
     with caplog.at_level(logging.WARNING, logger="fluxtrain.offload"):
-        arena = offload.HostArena(LAYOUT, pin=True)
+        arena = offload.HostArena(LAYOUT)
+        assert not arena.pin()
     assert not arena.pinned and "error 2" in arena.pin_error
     assert any("could not page-lock" in r.getMessage() and "pageable" in r.getMessage()
                for r in caplog.records)
@@ -347,8 +351,14 @@ def test_a_failed_page_lock_is_said_and_training_goes_on_in_pageable_memory(fake
     assert fake_cudart.unregister == []
 
 
-def test_too_little_host_memory_is_refused_before_anything_is_allocated(model_and_inputs, monkeypatch):
-    model, _ = model_and_inputs
+def test_too_little_host_memory_is_refused_before_anything_is_allocated(tmp_path, tiny_sd,
+                                                                       monkeypatch):
+    path = tmp_path / "m.safetensors"
+    write_bfl(tiny_sd, path, torch.float8_e4m3fn)
+    model, _ = load_flux(path)
+    model.set_checkpointing(TINY.depth, TINY.depth_single_blocks)
     monkeypatch.setattr(offload, "available_host_bytes", lambda: 4096)
     with pytest.raises(offload.HostMemoryError, match=r"GiB are needed, 0.0 GiB are available.*lean"):
-        offload.install(model, "cpu")
+        offload.install(model, "cpu", sources=stored_bytes(path))
+    # Copied from host memory instead, each weight frees its own bytes as it moves in.
+    assert offload.install(model, "cpu").arena.nbytes > 4096
