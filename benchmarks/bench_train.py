@@ -305,6 +305,8 @@ def run_config(cfg: dict) -> dict:
                device=name, torch=torch.__version__,
                plan=plan.to_dict() if plan is not None else None,
                offload_stats=offloader.stats() if offloader is not None else None,
+               # graphs asked for but off at the end: a capture failed (out of memory?)
+               graphs_captured=len(micro_step.graphs.graphs) if micro_step.graphs else 0,
                kernels=kernels)
     # With graphs, the second largest size's graph pool may be held while the largest warms up.
     sizes = sorted({(r // 16) ** 2 for r in [res, *cfg.get("other_sizes", [])]}, reverse=True)
