@@ -308,15 +308,11 @@ def run_config(cfg: dict) -> dict:
                # graphs asked for but off at the end: a capture failed (out of memory?)
                graphs_captured=len(micro_step.graphs.graphs) if micro_step.graphs else 0,
                kernels=kernels)
-    # With graphs, the second largest size's graph pool may be held while the largest warms up.
-    sizes = sorted({(r // 16) ** 2 for r in [res, *cfg.get("other_sizes", [])]}, reverse=True)
-    pool_tokens = sizes[1] if cfg.get("graphs") and len(sizes) > 1 else 0
-    est = memory.estimate(params, sizes[0], txt_tokens, rank=cfg["rank"],
+    est = memory.estimate(params, img_tokens, txt_tokens, rank=cfg["rank"],
                           checkpoint_double=model.checkpointed_double,
                           checkpoint_single=model.checkpointed_single,
                           resident_bytes=(offloader.stats()["resident_bytes"] if offloader else None),
-                          fp8_compute=cfg["compute"] == "fp8", compiled=bool(cfg.get("compile")),
-                          graph_pool_img_tokens=pool_tokens)
+                          fp8_compute=cfg["compute"] == "fp8", compiled=bool(cfg.get("compile")))
     out["predicted_peak_gib"] = est["total"] / 2**30
     out["predicted"] = {k: v / 2**30 for k, v in est.items()}
     return out

@@ -16,10 +16,6 @@ configuration that fits, from an explicit model of where the bytes go:
                    activations plus the gradients in flight: TRANSIENT_UNITS more
     workspace    cast copies of the largest weight, attention and cuBLAS workspace,
                  allocator slack: a fixed part plus a share of the total
-    graph pool   with CUDA graphs and several buckets: a captured graph's memory pool
-                 keeps its step's activations reserved while the next bucket's first
-                 step runs eagerly (warm-up before its capture), so at worst the
-                 activations of the two largest buckets are held at once
 
 The unit counts were measured with autograd's saved-tensor hooks on fluxtrain's
 own blocks (tests/test_memory.py measures them again, so a change to flux.py that
@@ -153,27 +149,17 @@ def largest_layer_bytes(p: FluxParams, weight_bytes: float = 1.0) -> float:
 def estimate(p: FluxParams, img_tokens: int, txt_tokens: int, batch: int = 1, rank: int = 16,
              checkpoint_double: int | None = None, checkpoint_single: int | None = None,
              resident_bytes: float | None = None, weight_bytes: float = 1.0,
-             fp8_compute: bool = False, compiled: bool = False,
-             graph_pool_img_tokens: int = 0) -> dict:
+             fp8_compute: bool = False, compiled: bool = False) -> dict:
     """Predicted peak device bytes, by part: `total` what torch will have allocated
     (plus weights an aimdo VBAR holds, which torch does not count), `budget_total`
     that with allocator slack and workspace, as checked against free VRAM.
     Checkpoint counts default to all blocks; resident_bytes None = every weight
-    resident (no offload). `graph_pool_img_tokens`: with CUDA graphs, the image tokens
-    of the second-largest bucket (0 for one bucket or no graphs): its graph's pool may
-    hold that step's activations while the largest bucket warms up."""
+    resident (no offload)."""
+    tokens = img_tokens + txt_tokens
+    double_units, single_units = activation_units(compiled, fp8_compute, tokens)
     cd = p.depth if checkpoint_double is None else checkpoint_double
     cs = p.depth_single_blocks if checkpoint_single is None else checkpoint_single
     row = p.hidden_size * 2 * batch            # one token of hidden state, bf16
-
-    def activations(tokens: int) -> tuple[float, float]:
-        """(saved, transient) bytes of one step with `tokens` tokens."""
-        double_units, single_units = activation_units(compiled, fp8_compute, tokens)
-        saved = row * tokens * (cd * 1 + cs * 1
-                                + (p.depth - cd) * double_units
-                                + (p.depth_single_blocks - cs) * single_units)
-        return saved, (row * tokens * TRANSIENT_UNITS if cd + cs > 0 else 0.0)
-
     wd, ws = block_weight_bytes(p, weight_bytes)
     all_weights = p.depth * wd + p.depth_single_blocks * ws + edge_weight_bytes(p, weight_bytes)
     largest = largest_layer_bytes(p, weight_bytes)
@@ -184,33 +170,32 @@ def estimate(p: FluxParams, img_tokens: int, txt_tokens: int, batch: int = 1, ra
         weights = min(all_weights, resident_bytes)
         streaming = max(wd, ws) + OFFLOAD_PREFETCH_BYTES   # the staged block + prefetched
     lora = lora_params(p, rank) * 16.0
-    saved, transient = activations(img_tokens + txt_tokens)
+    saved = row * tokens * (cd * 1 + cs * 1
+                            + (p.depth - cd) * double_units
+                            + (p.depth_single_blocks - cs) * single_units)
+    transient = row * tokens * TRANSIENT_UNITS if cd + cs > 0 else 0.0
     # The bf16 cast of the largest weight (the float8 path: its transposed copy).
     cast = largest * (1 if fp8_compute else 2 / weight_bytes)
-    graph_pool = sum(activations(graph_pool_img_tokens + txt_tokens)) if graph_pool_img_tokens else 0.0
-    total = weights + streaming + lora + saved + transient + cast + graph_pool
+    total = weights + streaming + lora + saved + transient + cast
     budget_total = total * (1 + FRAGMENTATION) + FIXED_WORKSPACE
     return dict(weights=weights, all_weights=all_weights, streaming=streaming, lora=lora,
-                saved_activations=saved, transient=transient, cast=cast, graph_pool=graph_pool,
-                total=total, budget_total=budget_total)
+                saved_activations=saved, transient=transient, cast=cast, total=total,
+                budget_total=budget_total)
 
 
 def plan(free_bytes: int, p: FluxParams, img_tokens: int, txt_tokens: int = 512, batch: int = 1,
          rank: int = 16, fp8_compute: bool = False, offload_available: bool = True,
-         weight_bytes: float = 1.0, headroom: float = HEADROOM, compiled: bool = False,
-         graph_pool_img_tokens: int = 0) -> Plan:
+         weight_bytes: float = 1.0, headroom: float = HEADROOM, compiled: bool = False) -> Plan:
     """The fastest configuration whose predicted peak fits `free_bytes` (less `headroom`,
-    a share kept free for other allocations of the process). `graph_pool_img_tokens` as
-    in estimate(); offloaded runs use no CUDA graphs, so it only counts without offload."""
+    a share kept free for other allocations of the process)."""
     budget = int(free_bytes * (1 - headroom))
     kw = dict(img_tokens=img_tokens, txt_tokens=txt_tokens, batch=batch, rank=rank,
               weight_bytes=weight_bytes, fp8_compute=fp8_compute, compiled=compiled)
-    graphed = dict(kw, graph_pool_img_tokens=graph_pool_img_tokens)
 
     # 1. Everything resident: un-checkpoint as many blocks as fit, single blocks first
     #    (cheapest per block), then double blocks.
     def fits(cd: int, cs: int) -> bool:
-        return estimate(p, checkpoint_double=cd, checkpoint_single=cs, **graphed)["budget_total"] <= budget
+        return estimate(p, checkpoint_double=cd, checkpoint_single=cs, **kw)["budget_total"] <= budget
 
     nd, ns = p.depth, p.depth_single_blocks
     if fits(nd, ns):
@@ -219,12 +204,12 @@ def plan(free_bytes: int, p: FluxParams, img_tokens: int, txt_tokens: int = 512,
             cs -= 1
         while cs == 0 and cd > 0 and fits(cd - 1, 0):
             cd -= 1
-        e = estimate(p, checkpoint_double=cd, checkpoint_single=cs, **graphed)
+        e = estimate(p, checkpoint_double=cd, checkpoint_single=cs, **kw)
         return Plan(cd, cs, False, int(e["all_weights"]), int(e["total"]), budget, e)
 
     # 2. Offload: every block checkpointed, as many weights resident as fit.
     if not offload_available:
-        e = estimate(p, **graphed)
+        e = estimate(p, **kw)
         raise MemoryPlanError(
             f"the model needs about {e['budget_total'] / 2**30:.1f} GiB with every block checkpointed, "
             f"but only {budget / 2**30:.1f} GiB are free and offloading is off; turn offloading "

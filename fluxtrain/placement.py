@@ -54,19 +54,9 @@ class Placement:
             self.offloader = None
 
 
-def bucket_image_tokens(dataset) -> list[int]:
-    """Image tokens (2x2 patches) of each bucket, largest (the step that needs most
-    memory) first."""
-    return sorted({h * w // 4 for h, w in (s.bucket for s in dataset.samples)}, reverse=True)
-
-
-def graph_pool_image_tokens(dataset, config, device) -> int:
-    """The bucket whose CUDA graph may hold its activations while the largest bucket's
-    first step runs eagerly (see fluxtrain.memory): the second largest; 0 when there are
-    no graphs or one bucket."""
-    sizes = bucket_image_tokens(dataset)
-    graphs = config.cuda_graphs and torch.device(device).type == "cuda"
-    return sizes[1] if graphs and len(sizes) > 1 else 0
+def largest_image_tokens(dataset) -> int:
+    """Image tokens (2x2 patches) of the largest bucket: the step that needs most memory."""
+    return max(h * w // 4 for h, w in (s.bucket for s in dataset.samples))
 
 
 def room_for_transposed_weights(free_bytes: int | None, estimate: dict,
@@ -81,8 +71,7 @@ def room_for_transposed_weights(free_bytes: int | None, estimate: dict,
 
 def choose_plan(mode: str, params, free_bytes: int | None, *, img_tokens: int, txt_tokens: int,
                 batch: int, rank: int, fp8_compute: bool, compiled: bool,
-                weight_bytes: float, offload_available: bool = True,
-                graph_pool_img_tokens: int = 0) -> memory.Plan | None:
+                weight_bytes: float, offload_available: bool = True) -> memory.Plan | None:
     """The memory plan for `mode`. Forced modes and a device without a free-memory
     figure (CPU) return a plan-less answer: None, and the caller applies the mode."""
     if mode not in MEMORY_MODES:
@@ -91,7 +80,7 @@ def choose_plan(mode: str, params, free_bytes: int | None, *, img_tokens: int, t
         return None
     p = memory.plan(free_bytes, params, img_tokens, txt_tokens, batch, rank,
                     fp8_compute=fp8_compute, compiled=compiled, weight_bytes=weight_bytes,
-                    offload_available=offload_available, graph_pool_img_tokens=graph_pool_img_tokens)
+                    offload_available=offload_available)
     if mode == "offload" and not p.offload:        # offload asked for although it would fit
         e = memory.estimate(params, img_tokens, txt_tokens, batch, rank, resident_bytes=0,
                             weight_bytes=weight_bytes, fp8_compute=fp8_compute, compiled=compiled)
@@ -116,8 +105,7 @@ def load_base_for_training(source, config, dataset, device,
         free += sum(t.numel() * t.element_size() for t in source.state_dict.values()
                     if _on(t, device))
     weight_bytes = torch.empty((), dtype=info.dtype).element_size()
-    tokens = bucket_image_tokens(dataset)[0]
-    pool_tokens = graph_pool_image_tokens(dataset, config, device)
+    tokens = largest_image_tokens(dataset)
     if shared and config.memory == "offload":
         raise SharedOffloadError(_no_shared_offload(source.name, "memory 'offload' was chosen"))
     try:
@@ -125,7 +113,7 @@ def load_base_for_training(source, config, dataset, device,
                            txt_tokens=dataset.text_length, batch=config.batch_size,
                            rank=config.rank, fp8_compute=config.fp8_compute,
                            compiled=config.compile_blocks, weight_bytes=weight_bytes,
-                           offload_available=not shared, graph_pool_img_tokens=pool_tokens)
+                           offload_available=not shared)
     except memory.MemoryPlanError as e:
         if not shared:
             raise
@@ -167,8 +155,7 @@ def load_base_for_training(source, config, dataset, device,
         keep = not offloading and room_for_transposed_weights(free, memory.estimate(
             params, tokens, dataset.text_length, config.batch_size, config.rank,
             checkpoint_double=model.checkpointed_double, checkpoint_single=model.checkpointed_single,
-            weight_bytes=weight_bytes, fp8_compute=True, compiled=config.compile_blocks,
-            graph_pool_img_tokens=pool_tokens))
+            weight_bytes=weight_bytes, fp8_compute=True, compiled=config.compile_blocks))
         layers = fp8.enable_fp8_compute(model, device, keep_transposed=keep)
         description += (f", float8 matmuls in {layers} layers" + (" (transposed weights kept)" if keep else "")
                         if layers else ", float8 compute unavailable here")

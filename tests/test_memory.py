@@ -111,28 +111,3 @@ def test_compiled_coefficients_follow_the_measurements_between_resolutions():
     assert all(min(a, b) < m < max(a, b) for a, b, m in zip(lo, hi, mid))
     assert memory.activation_units(True, False, 100) == lo       # nearest outside the table
     assert memory.activation_units(False, False, 100) == memory.activation_units(False, False, 9000)
-
-
-def test_cuda_graphs_with_several_buckets_hold_the_second_largest_steps_activations():
-    """While the largest bucket's first step runs eagerly, the graph pool of a bucket
-    captured before still holds that step's activations: two working sets at once."""
-    job = dict(img_tokens=4096, txt_tokens=512, compiled=True)
-    one = memory.estimate(FLUX, checkpoint_double=0, checkpoint_single=0, **job)
-    two = memory.estimate(FLUX, checkpoint_double=0, checkpoint_single=0, graph_pool_img_tokens=3136,
-                          **job)
-    smaller = memory.estimate(FLUX, checkpoint_double=0, checkpoint_single=0,
-                              **dict(job, img_tokens=3136))
-    assert two["graph_pool"] == pytest.approx(smaller["saved_activations"] + smaller["transient"])
-    assert two["total"] - one["total"] == pytest.approx(two["graph_pool"])
-    assert two["graph_pool"] > 20 * GB            # no checkpointing: tens of GB, not a rounding
-
-    # A card where one bucket trains without checkpointing needs checkpointing for three.
-    free = int(one["budget_total"] / (1 - memory.HEADROOM)) + GB
-    alone = memory.plan(free, FLUX, compiled=True, img_tokens=4096)
-    buckets = memory.plan(free, FLUX, compiled=True, img_tokens=4096, graph_pool_img_tokens=3136)
-    assert alone.checkpoint_double + alone.checkpoint_single == 0
-    assert buckets.checkpoint_double + buckets.checkpoint_single > 0
-    assert buckets.predicted_peak <= buckets.budget
-    # Offloaded runs replay no graphs: their plan is the same with or without the pool.
-    tiny = memory.plan(10 * GB, FLUX, compiled=True, img_tokens=4096, graph_pool_img_tokens=3136)
-    assert tiny.offload and tiny == memory.plan(10 * GB, FLUX, compiled=True, img_tokens=4096)

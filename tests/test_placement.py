@@ -11,8 +11,7 @@ from fluxtrain import memory
 from fluxtrain.checkpoint import load_state_dict
 from fluxtrain.params import CheckpointError, FluxParams
 from fluxtrain.placement import (BaseTensors, SharedOffloadError, choose_plan,
-                                 graph_pool_image_tokens, load_base_for_training,
-                                 room_for_transposed_weights)
+                                 load_base_for_training, room_for_transposed_weights)
 from fluxtrain.synthetic import write_bfl
 from fluxtrain.train import TrainConfig, train
 
@@ -63,17 +62,6 @@ def test_offload_mode_offloads_even_when_the_model_would_fit():
 def test_unknown_mode_is_named():
     with pytest.raises(ValueError, match="memory mode 'swap' is not one of auto, fast, lean, offload"):
         choose_plan("swap", FULL, None, **JOB)
-
-
-def test_the_planner_hears_of_a_graph_pool_only_with_graphs_and_several_buckets(make_dataset,
-                                                                               tmp_path):
-    several = make_dataset(tmp_path / "several", buckets=((4, 4), (4, 6), (6, 6)))
-    one = make_dataset(tmp_path / "one", buckets=((4, 6),))
-    graphs, eager = TrainConfig(cuda_graphs=True), TrainConfig(cuda_graphs=False)
-    assert graph_pool_image_tokens(several, graphs, "cuda") == 6     # the second largest bucket
-    assert graph_pool_image_tokens(several, graphs, "cpu") == 0      # no graphs off CUDA
-    assert graph_pool_image_tokens(several, eager, "cuda") == 0
-    assert graph_pool_image_tokens(one, graphs, "cuda") == 0
 
 
 @pytest.fixture
