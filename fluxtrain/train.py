@@ -202,8 +202,14 @@ class MicroStep:
             try:
                 return self.graphs(inputs, target).item()
             except GraphCaptureFailed as error:      # gradients untouched: go on eagerly
+                held = len(self.graphs.graphs)
+                why = (f" The graphs of {held} other image size(s) keep their memory while a new "
+                       "size runs its first steps eagerly, so two steps' activations are held at once "
+                       "(1024x1024 fast, three sizes: 104 GiB free was not enough, one size needs "
+                       "58): with several buckets, graphs fit in memory 'lean' or with one "
+                       "resolution." if held else "")
                 self.log(f"[fluxtrain] CUDA graphs off: capturing the step failed ({error}); "
-                         "training goes on without them")
+                         f"training goes on without them.{why}")
                 self.graphs = None
                 if torch.cuda.is_available():
                     torch.cuda.empty_cache()

@@ -85,6 +85,28 @@ def test_failed_capture_falls_back_to_eager_with_the_same_result(tiny_sd, make_d
         assert torch.equal(lora[key], value), key
 
 
+class FailingSecondCapture(ReplayRecorder):
+    def capture(self, fn):
+        if ReplayRecorder.captures:
+            raise RuntimeError("CUDA out of memory. Tried to allocate 20.00 GiB")
+        return super().capture(fn)
+
+
+def test_a_capture_failing_beside_other_sizes_graphs_says_why_and_what_keeps_graphs(
+        tiny_sd, make_dataset, tmp_path, monkeypatch):
+    dataset = make_dataset(tmp_path / "data", buckets=((4, 4), (4, 6)), per_bucket=3)
+    eager_losses, _, _ = run(tiny_sd, dataset, tmp_path / "eager")
+    monkeypatch.setattr(graphs, "CudaGraphBackend", FailingSecondCapture)
+    monkeypatch.setattr(train_module, "graph_unavailable_reason", lambda *args: None)
+    ReplayRecorder.captures = 0
+    said = []
+    losses, _, _ = run(tiny_sd, dataset, tmp_path / "second", log=said.append, cuda_graphs=True)
+    failed = [line for line in said if "capturing the step failed" in line]
+    assert len(failed) == 1 and "graphs of 1 other image size(s) keep their memory" in failed[0]
+    assert "memory 'lean' or with one resolution" in failed[0]
+    assert losses == eager_losses
+
+
 def test_graph_keeps_gradients_of_earlier_micro_batches():
     # Capturing a new shape in the middle of an accumulated step must not lose or double
     # what the earlier micro-batches added.
