@@ -21,8 +21,9 @@ aimdo then see an N GB card).
 Configuration keys of --configs / suites beyond the grid's: fp8_recipe ({field: value}
 of fluxtrain.fp8.Fp8Recipe), fp8_keep_transposed, fp8_backward, compile, graphs,
 other_sizes (resolutions stepped twice each before the timed one, as a dataset with
-several buckets does), compile_dynamic (compile_blocks' `dynamic`), profile,
-random_up, grads_file, resident_gb.
+several buckets does), prepare_graphs (default true: with graphs, every size's graph is
+captured up front as train() does; false captures each size when first stepped),
+compile_dynamic (compile_blocks' `dynamic`), profile, random_up, grads_file, resident_gb.
 
 FLOPs (for MFU) are counted exactly per matmul, model FLOPs only: each frozen
 linear 2*M*K*N forward + 2*M*K*N input-gradient (no weight gradient: the base is
@@ -251,11 +252,14 @@ def run_config(cfg: dict) -> dict:
         return loss
 
     other_sizes_s = None
+    t_other = time.perf_counter()
+    if cfg.get("other_sizes") and cfg.get("prepare_graphs", True):
+        micro_step.prepare([make_batch(r) for r in [*cfg["other_sizes"], res]],
+                           step_generator(config.seed, 0, device))
     if cfg.get("other_sizes"):
         # As a dataset with several buckets does: steps at other sizes first, so that the
         # compiled blocks have seen more than one shape (dynamo then recompiles them with
         # dynamic shapes, or per size with compile_dynamic false) before the timed size.
-        t_other = time.perf_counter()
         for other in cfg["other_sizes"]:
             batch = make_batch(other)
             for _ in range(2):

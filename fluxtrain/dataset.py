@@ -317,9 +317,7 @@ class BucketBatchSampler:
         if self._cached is not None and self._cached[0] == epoch:
             return self._cached[1]
         rng = np.random.default_rng([self.seed, epoch])
-        by_bucket: dict[tuple[int, int], list[int]] = {}
-        for i, s in enumerate(self.samples):
-            by_bucket.setdefault(s.bucket, []).extend([i] * s.repeats)
+        by_bucket = self.bucket_members()
         batches = []
         for bucket in sorted(by_bucket):
             members = [by_bucket[bucket][j] for j in rng.permutation(len(by_bucket[bucket]))]
@@ -327,6 +325,13 @@ class BucketBatchSampler:
         batches = [batches[j] for j in rng.permutation(len(batches))]
         self._cached = (epoch, batches)
         return batches
+
+    def bucket_members(self) -> dict[tuple[int, int], list[int]]:
+        """{bucket: its sample indices, each as often as the sample repeats}."""
+        by_bucket: dict[tuple[int, int], list[int]] = {}
+        for i, s in enumerate(self.samples):
+            by_bucket.setdefault(s.bucket, []).extend([i] * s.repeats)
+        return by_bucket
 
     def __len__(self) -> int:
         """Batches per epoch."""

@@ -196,26 +196,39 @@ class MicroStep:
     def _loss(self, inputs: dict, target: torch.Tensor) -> torch.Tensor:
         return velocity_loss(self.model(**inputs), target, self.config) / self.config.grad_accum
 
+    def prepare(self, batches: list[dict], generator: torch.Generator) -> None:
+        """Capture the graphs of these batches' shapes (one per bucket) before training,
+        so that no shape warms up beside another's captured graph (fluxtrain.graphs)."""
+        if self.graphs is None:
+            return
+        examples = [flow_inputs(b, self.config, generator, self.model.params.guidance_embed)
+                    for b in batches]
+        try:
+            self.graphs.prepare(examples, self.log)
+        except GraphCaptureFailed as error:
+            self._graphs_failed(error)
+
     def __call__(self, batch: dict, generator: torch.Generator) -> float:
         inputs, target = flow_inputs(batch, self.config, generator, self.model.params.guidance_embed)
         if self.graphs is not None:
             try:
                 return self.graphs(inputs, target).item()
             except GraphCaptureFailed as error:      # gradients untouched: go on eagerly
-                held = len(self.graphs.graphs)
-                why = (f" The graphs of {held} other image size(s) keep their memory while a new "
-                       "size runs its first steps eagerly, so two steps' activations are held at once "
-                       "(1024x1024 fast, three sizes: 104 GiB free was not enough, one size needs "
-                       "58): with several buckets, graphs fit in memory 'lean' or with one "
-                       "resolution." if held else "")
-                self.log(f"[fluxtrain] CUDA graphs off: capturing the step failed ({error}); "
-                         f"training goes on without them.{why}")
-                self.graphs = None
-                if torch.cuda.is_available():
-                    torch.cuda.empty_cache()
+                self._graphs_failed(error)
         loss = self._loss(inputs, target)
         loss.backward()
         return loss.item()
+
+    def _graphs_failed(self, error: GraphCaptureFailed) -> None:
+        held = len(self.graphs.graphs)
+        why = (f" {held} graph(s) of other shapes held their memory while this one warmed up "
+               "(a bucket's smaller last batch, captured when first seen); a batch size that "
+               "divides every bucket avoids it." if held else "")
+        self.log(f"[fluxtrain] CUDA graphs off: capturing the step failed ({error}); "
+                 f"training goes on without them.{why}")
+        self.graphs = None
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
     def zero_grad(self) -> None:
         # A captured graph accumulates into the same gradient tensors every replay.
@@ -272,6 +285,11 @@ def train(model: Flux, dataset: EncodedDataset, config: TrainConfig, run_dir: Pa
 
     state_path = resumed.path if resumed else None
     model.train()
+    if micro_step.graphs is not None:  # every bucket's graph up front, from one micro-batch each
+        example = step_generator(config.seed, 0, device)
+        micro_step.prepare([collate([dataset[i] for i in members[:config.batch_size]], 0.0, example,
+                                    dataset.empty_caption)
+                            for members in sampler.bucket_members().values()], example)
     for step in range(start, config.steps):
         if should_stop is not None and should_stop():
             state_path = checkpoint(step)

@@ -85,25 +85,58 @@ def test_failed_capture_falls_back_to_eager_with_the_same_result(tiny_sd, make_d
         assert torch.equal(lora[key], value), key
 
 
-class FailingSecondCapture(ReplayRecorder):
+class EventRecorder(ReplayRecorder):
+    events: list[str] = []
+
+    def warm_up(self, fn):
+        EventRecorder.events.append("warm-up")
+        super().warm_up(fn)
+
     def capture(self, fn):
-        if ReplayRecorder.captures:
+        EventRecorder.events.append("capture")
+        return super().capture(fn)
+
+
+def test_every_bucket_is_warmed_up_before_any_graph_is_captured(tiny_sd, make_dataset, tmp_path,
+                                                               monkeypatch):
+    """A captured graph's pool keeps its activations: a bucket warming up after another
+    was captured would hold two steps' activations at once."""
+    dataset = make_dataset(tmp_path / "data", buckets=((4, 4), (4, 6), (6, 6)), per_bucket=2)
+    eager_losses, _, _ = run(tiny_sd, dataset, tmp_path / "eager", grad_accum=1)
+    monkeypatch.setattr(graphs, "CudaGraphBackend", EventRecorder)
+    monkeypatch.setattr(train_module, "graph_unavailable_reason", lambda *args: None)
+    EventRecorder.events, ReplayRecorder.captures = [], 0
+    said = []
+    losses, _, _ = run(tiny_sd, dataset, tmp_path / "graphed", log=said.append, grad_accum=1,
+                       cuda_graphs=True)
+    warm = graphs.WARMUP_RUNS
+    assert EventRecorder.events == ["warm-up"] * (3 * warm) + ["capture"] * 3
+    assert [line for line in said if "warming up image size 3/3" in line]
+    assert losses == eager_losses
+
+
+class FailingLateCapture(ReplayRecorder):
+    def capture(self, fn):
+        if ReplayRecorder.captures == 2:
             raise RuntimeError("CUDA out of memory. Tried to allocate 20.00 GiB")
         return super().capture(fn)
 
 
-def test_a_capture_failing_beside_other_sizes_graphs_says_why_and_what_keeps_graphs(
-        tiny_sd, make_dataset, tmp_path, monkeypatch):
+def test_a_shape_captured_late_beside_other_graphs_says_why_if_it_fails(tiny_sd, make_dataset,
+                                                                        tmp_path, monkeypatch):
+    # Batches of 2 from buckets of 3 samples: the last batch of each bucket has 1 sample,
+    # a shape that is captured when first seen, beside the two prepared graphs.
     dataset = make_dataset(tmp_path / "data", buckets=((4, 4), (4, 6)), per_bucket=3)
-    eager_losses, _, _ = run(tiny_sd, dataset, tmp_path / "eager")
-    monkeypatch.setattr(graphs, "CudaGraphBackend", FailingSecondCapture)
+    eager_losses, _, _ = run(tiny_sd, dataset, tmp_path / "eager", batch_size=2, grad_accum=1)
+    monkeypatch.setattr(graphs, "CudaGraphBackend", FailingLateCapture)
     monkeypatch.setattr(train_module, "graph_unavailable_reason", lambda *args: None)
     ReplayRecorder.captures = 0
     said = []
-    losses, _, _ = run(tiny_sd, dataset, tmp_path / "second", log=said.append, cuda_graphs=True)
+    losses, _, _ = run(tiny_sd, dataset, tmp_path / "late", log=said.append, batch_size=2,
+                       grad_accum=1, cuda_graphs=True)
     failed = [line for line in said if "capturing the step failed" in line]
-    assert len(failed) == 1 and "graphs of 1 other image size(s) keep their memory" in failed[0]
-    assert "memory 'lean' or with one resolution" in failed[0]
+    assert len(failed) == 1 and "2 graph(s) of other shapes held their memory" in failed[0]
+    assert "a batch size that divides every bucket" in failed[0]
     assert losses == eager_losses
 
 
