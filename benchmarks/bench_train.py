@@ -445,7 +445,7 @@ def run_child(cfg: dict, timeout: float) -> dict:
         return dict(cfg, error=f"timed out after {timeout:.0f} s")
     lines = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")]
     if p.returncode != 0 or not lines:
-        tail = (p.stderr or p.stdout).strip().splitlines()[-12:]
+        tail = (p.stderr or p.stdout).strip().splitlines()[-40:]
         err = next((ln for ln in reversed(tail) if "Error" in ln or "error" in ln), tail[-1] if tail else "")
         return dict(cfg, error=err[:400], stderr_tail=tail, returncode=p.returncode)
     res = json.loads(lines[-1][len("RESULT "):])

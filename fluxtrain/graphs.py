@@ -136,13 +136,20 @@ class StepGraphs:
         """Warm-ups add to the gradients: keep what earlier micro-batches of this step
         accumulated and put it back afterwards (also when a capture fails, which then
         raises GraphCaptureFailed)."""
-        kept = [None if p.grad is None else p.grad.clone() for p in self.params]
+        kept = None
         try:
+            kept = [None if p.grad is None else p.grad.clone() for p in self.params]
             yield
         except Exception as error:
             raise GraphCaptureFailed(f"{type(error).__name__}: {error}"[:300]) from error
         finally:
-            self._restore(kept)
+            if kept is not None:
+                self._restore(kept)
+
+    def release(self) -> None:
+        """Drop every captured graph, so that their memory pool can be freed."""
+        self.graphs.clear()
+        self.backend.pool = None
 
     def _restore(self, kept: list) -> None:
         with torch.no_grad():

@@ -12,6 +12,7 @@ saved RNG state to continue exactly where it stopped.
 
 from __future__ import annotations
 
+import gc
 import json
 import math
 import time
@@ -205,8 +206,10 @@ class MicroStep:
                     for b in batches]
         try:
             self.graphs.prepare(examples, self.log)
+            return
         except GraphCaptureFailed as error:
-            self._graphs_failed(error)
+            failure = str(error)
+        self._graphs_failed(failure)
 
     def __call__(self, batch: dict, generator: torch.Generator) -> float:
         inputs, target = flow_inputs(batch, self.config, generator, self.model.params.guidance_embed)
@@ -214,19 +217,26 @@ class MicroStep:
             try:
                 return self.graphs(inputs, target).item()
             except GraphCaptureFailed as error:      # gradients untouched: go on eagerly
-                self._graphs_failed(error)
+                failure = str(error)
+            self._graphs_failed(failure)
         loss = self._loss(inputs, target)
         loss.backward()
         return loss.item()
 
-    def _graphs_failed(self, error: GraphCaptureFailed) -> None:
+    def _graphs_failed(self, failure: str) -> None:
+        """Turn graphs off and give their memory back before the eager step. Called outside
+        the `except` block: the failure's traceback holds the frames of the failed warm-up
+        (its activations) in a reference cycle, which only a collection frees; the graphs'
+        pool goes when the graphs do."""
         held = len(self.graphs.graphs)
         why = (f" {held} graph(s) of other shapes held their memory while this one warmed up "
                "(a bucket's smaller last batch, captured when first seen); a batch size that "
                "divides every bucket avoids it." if held else "")
-        self.log(f"[fluxtrain] CUDA graphs off: capturing the step failed ({error}); "
+        self.log(f"[fluxtrain] CUDA graphs off: capturing the step failed ({failure}); "
                  f"training goes on without them.{why}")
+        self.graphs.release()
         self.graphs = None
+        gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
 

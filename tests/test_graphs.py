@@ -8,6 +8,9 @@ the warm-up leaves the gradients alone and they accumulate in place."""
 
 from __future__ import annotations
 
+import gc
+import weakref
+
 import pytest
 import torch
 
@@ -138,6 +141,44 @@ def test_a_shape_captured_late_beside_other_graphs_says_why_if_it_fails(tiny_sd,
     assert len(failed) == 1 and "2 graph(s) of other shapes held their memory" in failed[0]
     assert "a batch size that divides every bucket" in failed[0]
     assert losses == eager_losses
+
+
+class FailingWithActivations(ReplayRecorder):
+    """Fails the warm-up of the second shape the way an OOM does: with tensors (its
+    activations) alive in the frames of the traceback, and a captured graph held."""
+    alive: list = []
+
+    def warm_up(self, fn):
+        if ReplayRecorder.captures:
+            activations = torch.empty(1000)
+            FailingWithActivations.alive = [weakref.ref(activations), weakref.ref(self)]
+            raise RuntimeError("CUDA out of memory. Tried to allocate 20.00 GiB")
+        super().warm_up(fn)
+
+
+def test_after_a_failed_capture_the_eager_step_runs_with_the_failures_memory_freed(
+        tiny_sd, make_dataset, tmp_path, monkeypatch):
+    # Batch 2 from buckets of 3: each bucket's last batch is a shape captured late.
+    dataset = make_dataset(tmp_path / "data", buckets=((4, 4),), per_bucket=3)
+    monkeypatch.setattr(graphs, "CudaGraphBackend", FailingWithActivations)
+    monkeypatch.setattr(train_module, "graph_unavailable_reason", lambda *args: None)
+    ReplayRecorder.captures, FailingWithActivations.alive = 0, []
+    seen_at_eager_steps = []
+    velocity_loss = train_module.velocity_loss
+
+    def loss_watching_memory(*args):
+        if FailingWithActivations.alive:   # after the failure: nothing of it may be left
+            seen_at_eager_steps.append([ref() is not None for ref in FailingWithActivations.alive])
+        return velocity_loss(*args)
+    monkeypatch.setattr(train_module, "velocity_loss", loss_watching_memory)
+    gc.disable()                          # only the fallback's own collection may free cycles
+    try:
+        run(tiny_sd, dataset, tmp_path / "run", batch_size=2, grad_accum=1, steps=3)
+        _, _, _ = run(tiny_sd, dataset, tmp_path / "graphed", batch_size=2, grad_accum=1, steps=3,
+                      cuda_graphs=True)
+    finally:
+        gc.enable()
+    assert seen_at_eager_steps and all(not any(alive) for alive in seen_at_eager_steps)
 
 
 def test_graph_keeps_gradients_of_earlier_micro_batches():
