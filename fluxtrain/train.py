@@ -90,8 +90,8 @@ class TrainConfig:
     # New settings go last: saved workflows list the Train node's widget values by position.
     cuda_graphs: bool = setting(False, "replay each step's forward and backward as a CUDA graph (CUDA, "
                                 "weights resident, no LoRA dropout): removes the launch overhead that "
-                                "dominates small images; the first step of each image size takes a few "
-                                "seconds longer")
+                                "dominates small images; every image size is captured before the first step, "
+                                "a few seconds each")
 
     def __post_init__(self):
         for f in fields(self):
