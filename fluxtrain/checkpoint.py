@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from collections import Counter
 from contextlib import ExitStack
@@ -234,10 +235,7 @@ class TensorMeta:
 
     @property
     def nbytes(self) -> int:
-        n = self.dtype.itemsize
-        for d in self.shape:
-            n *= d
-        return n
+        return self.dtype.itemsize * math.prod(self.shape)
 
 
 _ST_DTYPES = {name: getattr(torch, attr) for name, attr in (

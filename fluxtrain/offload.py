@@ -41,6 +41,7 @@ first fault; HostBuffer segfaults without CUDA, so it is never used here.
 from __future__ import annotations
 
 import logging
+import math
 import sys
 import weakref
 from typing import Mapping, Sequence
@@ -94,7 +95,7 @@ class HostArena:
         offsets, total = [], 0
         for shape, dtype in layout:
             offsets.append(total)
-            nbytes = dtype.itemsize * _numel(shape)
+            nbytes = dtype.itemsize * math.prod(shape)
             total += -(-nbytes // HOST_ALIGN) * HOST_ALIGN
         available = available_host_bytes()
         if available is not None and total > available + freed_bytes:
@@ -108,7 +109,7 @@ class HostArena:
         skip = -raw.data_ptr() % HOST_ALIGN
         self.buffer = raw[skip:skip + total]
         self.nbytes = total
-        self.tensors = [self.buffer[o:o + dtype.itemsize * _numel(shape)].view(dtype).view(shape)
+        self.tensors = [self.buffer[o:o + dtype.itemsize * math.prod(shape)].view(dtype).view(shape)
                         for o, (shape, dtype) in zip(offsets, layout)]
         self.pinned, self.pin_error = False, ""
         self._unpin = None
@@ -137,13 +138,6 @@ class HostArena:
             self._unpin()
             self._unpin = None
             self.pinned = False
-
-
-def _numel(shape) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
 
 
 def _cudart():
