@@ -4,7 +4,7 @@ trained by the headless command (the same placement and loop as the node).
     python benchmarks/load_and_train.py --work /tmp/lt --out result.json [--cli-args ...]
 
 1. writes a random full-size Flux-dev float8 file (12 GB, the released layout) and a
-   small encoded dataset at 1024x1024 (T5 length 512);
+   small encoded dataset, 4 samples per image size (`--sizes`, default 1024; T5 length 512);
 2. runs `python -m fluxtrain.cli` on them once per setting given, recording the peak
    host RSS of each training process (its own ru_maxrss), the seconds from start to
    the first finished step, and the step times it printed.
@@ -51,14 +51,17 @@ def write_full_size_fp8(path: Path, device: str = "cuda") -> None:
     save_file(tensors, str(path))
 
 
-def write_dataset(folder: Path, samples: int = 4) -> None:
+def write_dataset(folder: Path, sizes: list[int], samples: int = 4) -> None:
+    """`samples` encoded samples of each square pixel size in `sizes` (one bucket each)."""
     g = torch.Generator().manual_seed(0)
-    with EncodedDatasetWriter(folder, resolution=1024, encoders={"vae": "random", "text": "random"},
+    with EncodedDatasetWriter(folder, resolution=max(sizes), encoders={"vae": "random", "text": "random"},
                               overwrite=True) as w:
         w.set_empty_caption(torch.randn(512, 4096, generator=g).bfloat16(), torch.randn(768, generator=g))
-        for i in range(samples):
-            w.add(torch.randn(16, 128, 128, generator=g), torch.randn(512, 4096, generator=g).bfloat16(),
-                  torch.randn(768, generator=g), f"sample {i}")
+        for size in sizes:
+            for i in range(samples):
+                w.add(torch.randn(16, size // 8, size // 8, generator=g),
+                      torch.randn(512, 4096, generator=g).bfloat16(), torch.randn(768, generator=g),
+                      f"{size} sample {i}")
 
 
 def run_cli(base: Path, data: Path, work: Path, tag: str, extra: list[str]) -> dict:
@@ -84,6 +87,7 @@ def run_cli(base: Path, data: Path, work: Path, tag: str, extra: list[str]) -> d
             "median_step_s": timed[len(timed) // 2] if timed else None, "step_times": steps,
             "peak_rss_gib": rss_gib,
             "placement": next((x for x in lines if x.startswith("[fluxtrain] memory")), None),
+            "graphs": [x for x in lines if "CUDA graphs" in x],
             "log_tail": lines[-8:]}
 
 
@@ -93,13 +97,15 @@ def main() -> int:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--run", action="append", default=[],
                         help="TAG:ARGS, e.g. 'auto:--memory auto --steps 8' (repeatable)")
+    parser.add_argument("--sizes", type=int, nargs="+", default=[1024],
+                        help="square image sizes of the dataset, 4 samples each (one bucket each)")
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     base, data = args.work / "flux-dev2pro-fp8.safetensors", args.work / "data"
     t = time.monotonic()
     if not base.exists():
         write_full_size_fp8(base)
-    write_dataset(data)
+    write_dataset(data, args.sizes)
     results = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__,
                "base_gb": base.stat().st_size / 1e9, "prepare_s": time.monotonic() - t, "runs": []}
     for spec in args.run:
