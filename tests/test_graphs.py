@@ -173,12 +173,14 @@ def test_after_a_failed_capture_the_eager_step_runs_with_the_failures_memory_fre
     monkeypatch.setattr(train_module, "velocity_loss", loss_watching_memory)
     gc.disable()                          # only the fallback's own collection may free cycles
     try:
-        run(tiny_sd, dataset, tmp_path / "run", batch_size=2, grad_accum=1, steps=3)
-        _, _, _ = run(tiny_sd, dataset, tmp_path / "graphed", batch_size=2, grad_accum=1, steps=3,
-                      cuda_graphs=True)
+        eager_losses, _, _ = run(tiny_sd, dataset, tmp_path / "eager", batch_size=2, grad_accum=1,
+                                 steps=3)
+        losses, _, _ = run(tiny_sd, dataset, tmp_path / "graphed", batch_size=2, grad_accum=1,
+                           steps=3, cuda_graphs=True)
     finally:
         gc.enable()
     assert seen_at_eager_steps and all(not any(alive) for alive in seen_at_eager_steps)
+    assert losses == eager_losses
 
 
 def test_graph_keeps_gradients_of_earlier_micro_batches():
