@@ -44,6 +44,7 @@ import logging
 import math
 import sys
 import weakref
+from pathlib import Path
 from typing import Mapping, Sequence
 
 import torch
@@ -64,16 +65,65 @@ class HostMemoryError(RuntimeError):
     """The machine has not enough free host memory for the offloaded weights."""
 
 
-def available_host_bytes() -> int | None:
-    """MemAvailable of /proc/meminfo (free memory plus reclaimable page cache); None where
-    there is no such file (not Linux), and then nothing is checked."""
+def available_host_bytes(proc: str = "/proc", cgroup_root: str = "/sys/fs/cgroup") -> int | None:
+    """Host memory this process can still take: MemAvailable (free memory plus reclaimable
+    page cache), or less where a memory cgroup limits the process (a container with a
+    memory limit, where going over means the OOM killer, not swapping). None where
+    neither is known (not Linux), and then nothing is checked."""
+    known = [b for b in (_meminfo_available(Path(proc) / "meminfo"),
+                         _cgroup_room(Path(proc) / "self" / "cgroup", Path(cgroup_root)))
+             if b is not None]
+    return min(known) if known else None
+
+
+def _meminfo_available(meminfo: Path) -> int | None:
     try:
-        with open("/proc/meminfo") as fh:
-            for line in fh:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
+        for line in meminfo.read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
         pass
+    return None
+
+
+# (limit file, usage file, memory.stat key of page cache the kernel can reclaim)
+_CGROUP_V2 = ("memory.max", "memory.current", "inactive_file")
+_CGROUP_V1 = ("memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file")
+
+
+def _cgroup_room(self_cgroup: Path, root: Path) -> int | None:
+    """Bytes left under the memory limit of this process's cgroup (v2 or v1), None when
+    it has no limit or none can be read. The cgroup is looked up where /proc/self/cgroup
+    says, then at the mount's root (how a container usually sees its own)."""
+    try:
+        lines = self_cgroup.read_text().splitlines()
+    except OSError:
+        lines = []
+    places = []
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        if controllers == "":
+            places.append((root / path.lstrip("/"), _CGROUP_V2))
+        elif "memory" in controllers.split(","):
+            places.append((root / "memory" / path.lstrip("/"), _CGROUP_V1))
+    places += [(root, _CGROUP_V2), (root / "memory", _CGROUP_V1)]
+    for folder, (limit_file, usage_file, cache_key) in places:
+        try:
+            limit = (folder / limit_file).read_text().strip()
+            usage = int((folder / usage_file).read_text())
+        except (OSError, ValueError):
+            continue
+        if limit == "max" or int(limit) >= 1 << 60:       # v1 writes "no limit" as ~2**63
+            return None
+        cache = 0
+        try:
+            for line in (folder / "memory.stat").read_text().splitlines():
+                key, _, value = line.partition(" ")
+                if key == cache_key:
+                    cache = int(value)
+        except (OSError, ValueError):
+            pass
+        return max(0, int(limit) - usage + cache)
     return None
 
 
@@ -101,9 +151,10 @@ class HostArena:
         if available is not None and total > available + freed_bytes:
             raise HostMemoryError(
                 f"offloading keeps the base's block weights in host memory: {total / 2**30:.1f} "
-                f"GiB are needed, {(available + freed_bytes) / 2**30:.1f} GiB are available. Close other "
-                "programs (ComfyUI's own models count too), or train without offloading "
-                "(memory 'lean' needs about 15 GiB of VRAM at 1024x1024).")
+                f"GiB are needed, {(available + freed_bytes) / 2**30:.1f} GiB are available (free "
+                "memory, or what a container's memory limit leaves). Close other programs "
+                "(ComfyUI's own models count too), give the container more memory, or train "
+                "without offloading (memory 'lean' needs about 15 GiB of VRAM at 1024x1024).")
         # Page-aligned start: one spare page, the buffer begins at the first boundary.
         raw = torch.empty(total + HOST_ALIGN, dtype=torch.uint8)
         skip = -raw.data_ptr() % HOST_ALIGN

@@ -362,3 +362,42 @@ def test_too_little_host_memory_is_refused_before_anything_is_allocated(tmp_path
         offload.install(model, "cpu", sources=stored_bytes(path))
     # Copied from host memory instead, each weight frees its own bytes as it moves in.
     assert offload.install(model, "cpu").arena.nbytes > 4096
+
+
+def fake_linux(tmp_path, cgroup_lines: str, files: dict[str, str], available_kib: int = 100 << 20):
+    """A /proc (meminfo, self/cgroup) and a cgroup mount with `files` under tmp_path."""
+    proc, root = tmp_path / "proc", tmp_path / "cgroup"
+    (proc / "self").mkdir(parents=True)
+    (proc / "meminfo").write_text(f"MemTotal: 200000000 kB\nMemAvailable: {available_kib} kB\n")
+    (proc / "self" / "cgroup").write_text(cgroup_lines)
+    for name, text in files.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(text)
+    return dict(proc=str(proc), cgroup_root=str(root))
+
+
+GIB = 2 ** 30
+
+
+@pytest.mark.parametrize("cgroup_lines, files, room", [
+    # cgroup v2 container: 8 GiB limit, 1 GiB used of which 0.5 GiB reclaimable page cache
+    ("0::/\n", {"memory.max": f"{8 * GIB}\n", "memory.current": f"{GIB}\n",
+                "memory.stat": f"anon 1\ninactive_file {GIB // 2}\n"}, 7.5 * GIB),
+    ("0::/\n", {"memory.max": "max\n", "memory.current": f"{GIB}\n"}, None),        # no limit
+    # cgroup v1 seen from inside a container: /proc names the host's path, the mount is its own
+    ("5:memory:/docker/abc\n4:cpu:/docker/abc\n",
+     {"memory/memory.limit_in_bytes": f"{16 * GIB}", "memory/memory.usage_in_bytes": f"{4 * GIB}",
+      "memory/memory.stat": "total_inactive_file 0\n"}, 12 * GIB),
+    ("5:memory:/\n", {"memory/memory.limit_in_bytes": "9223372036854771712",
+                      "memory/memory.usage_in_bytes": "1"}, None),                    # v1 unlimited
+    # a systemd slice with its own v2 limit
+    ("0::/user.slice/job.scope\n", {"user.slice/job.scope/memory.max": f"{2 * GIB}",
+                                    "user.slice/job.scope/memory.current": "0"}, 2 * GIB),
+])
+def test_available_host_memory_counts_a_containers_memory_limit(tmp_path, cgroup_lines, files, room):
+    where = fake_linux(tmp_path, cgroup_lines, files, available_kib=100 << 20)   # 100 GiB free
+    assert offload.available_host_bytes(**where) == (100 * GIB if room is None else room)
+
+
+def test_available_host_memory_is_unknown_without_proc_and_cgroups(tmp_path):
+    assert offload.available_host_bytes(proc=str(tmp_path / "none"), cgroup_root=str(tmp_path)) is None
