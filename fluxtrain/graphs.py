@@ -108,21 +108,21 @@ class StepGraphs:
         replay()
         return loss
 
-    def prepare(self, examples: list[tuple[dict, torch.Tensor]],
+    def prepare(self, examples: list[tuple[dict, torch.Tensor]], labels: list[str],
                 log: Callable[[str], None] = lambda _: None) -> int:
         """Capture one graph per shape among `examples` ((inputs, target) pairs; only
-        their shapes matter): every warm-up first, then every capture. Returns how many
-        graphs were captured."""
-        todo: dict[tuple, tuple[dict, torch.Tensor]] = {}
-        for inputs, target in examples:
-            todo.setdefault(_shape_key(inputs, target), (inputs, target))
+        their shapes matter; `labels` name them in the log): every warm-up first, then
+        every capture. Returns how many graphs were captured."""
+        todo: dict[tuple, tuple[dict, torch.Tensor, str]] = {}
+        for (inputs, target), label in zip(examples, labels):
+            todo.setdefault(_shape_key(inputs, target), (inputs, target, label))
         todo = {k: v for k, v in todo.items() if k not in self.graphs}
         with self._gradients_kept():
-            for i, (inputs, target) in enumerate(todo.values()):
-                log(f"[fluxtrain] CUDA graphs: warming up image size {i + 1}/{len(todo)} "
-                    f"({_describe(target)})")
+            for i, (inputs, target, label) in enumerate(todo.values()):
+                log(f"[fluxtrain] CUDA graphs: warming up {label} ({i + 1} of {len(todo)} shapes, "
+                    "all captured before the first step)")
                 self._warm_up(inputs, target)
-            for key, (inputs, target) in todo.items():
+            for key, (inputs, target, _) in todo.items():
                 self.graphs[key] = self._capture_warm(inputs, target)
         return len(todo)
 
@@ -182,11 +182,6 @@ class StepGraphs:
 
         replay, loss = self.backend.capture(captured)
         return replay, static_inputs, static_target, loss
-
-
-def _describe(target: torch.Tensor) -> str:
-    """'batch 1, 4096 image tokens' for a target of shape [B, N, C]."""
-    return f"batch {target.shape[0]}, {target.shape[1]} image tokens"
 
 
 def _shape_key(inputs: dict, target: torch.Tensor) -> tuple:

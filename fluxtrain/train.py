@@ -204,8 +204,10 @@ class MicroStep:
             return
         examples = [flow_inputs(b, self.config, generator, self.model.params.guidance_embed)
                     for b in batches]
+        labels = [f"{b['latent'].shape[3] * 8}x{b['latent'].shape[2] * 8}, batch {b['latent'].shape[0]}"
+                  for b in batches]
         try:
-            self.graphs.prepare(examples, self.log)
+            self.graphs.prepare(examples, labels, self.log)
             return
         except GraphCaptureFailed as error:
             failure = str(error)

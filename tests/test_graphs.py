@@ -114,7 +114,9 @@ def test_every_bucket_is_warmed_up_before_any_graph_is_captured(tiny_sd, make_da
                        cuda_graphs=True)
     warm = graphs.WARMUP_RUNS
     assert EventRecorder.events == ["warm-up"] * (3 * warm) + ["capture"] * 3
-    assert [line for line in said if "warming up image size 3/3" in line]
+    warming = [line for line in said if "CUDA graphs: warming up" in line]
+    assert len(warming) == 3 and "(3 of 3 shapes" in warming[-1]
+    assert {line.split("warming up ")[1].split(",")[0] for line in warming} == {"32x32", "48x32", "48x48"}
     assert losses == eager_losses
 
 
