@@ -195,10 +195,14 @@ def _cudart():
     return torch.cuda.cudart()
 
 
+# Page-locked for every CUDA context, not only the current device's (training on cuda:1).
+_HOST_REGISTER_PORTABLE = 1
+
+
 def _host_register(buffer: torch.Tensor) -> str:
     """Page-lock `buffer` in place; "" on success, else why not."""
     try:
-        err = _cudart().cudaHostRegister(buffer.data_ptr(), buffer.numel(), 0)
+        err = _cudart().cudaHostRegister(buffer.data_ptr(), buffer.numel(), _HOST_REGISTER_PORTABLE)
         code = int(getattr(err, "value", err))
     except Exception as e:  # no CUDA runtime, a driver refusing
         return f"{type(e).__name__}: {e}"

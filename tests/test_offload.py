@@ -327,7 +327,7 @@ def test_the_arena_is_page_locked_in_one_call_and_unlocked_once(fake_cudart):
     arena = offload.HostArena(LAYOUT)
     assert not arena.pinned and fake_cudart.register == []
     assert arena.pin() and arena.pin()
-    assert arena.pinned and fake_cudart.register == [(arena.buffer.data_ptr(), arena.nbytes, 0)]
+    assert arena.pinned and fake_cudart.register == [(arena.buffer.data_ptr(), arena.nbytes, 1)]
     arena.release()
     arena.release()
     assert fake_cudart.unregister == [arena.buffer.data_ptr()] and not arena.pinned
