@@ -109,16 +109,21 @@ class StepGraphs:
         return loss
 
     def prepare(self, examples: list[tuple[dict, torch.Tensor]], labels: list[str],
-                log: Callable[[str], None] = lambda _: None) -> int:
+                log: Callable[[str], None] = lambda _: None,
+                should_stop: Callable[[], bool] = lambda: False) -> int:
         """Capture one graph per shape among `examples` ((inputs, target) pairs; only
         their shapes matter; `labels` name them in the log): every warm-up first, then
-        every capture. Returns how many graphs were captured."""
+        every capture. `should_stop` is asked before each warm-up (with compiling, one
+        can take a minute); when it says stop, nothing is captured. Returns how many
+        graphs were captured."""
         todo: dict[tuple, tuple[dict, torch.Tensor, str]] = {}
         for (inputs, target), label in zip(examples, labels):
             todo.setdefault(_shape_key(inputs, target), (inputs, target, label))
         todo = {k: v for k, v in todo.items() if k not in self.graphs}
         with self._gradients_kept():
             for i, (inputs, target, label) in enumerate(todo.values()):
+                if should_stop():
+                    return 0
                 log(f"[fluxtrain] CUDA graphs: warming up {label} ({i + 1} of {len(todo)} shapes, "
                     "all captured before the first step)")
                 self._warm_up(inputs, target)

@@ -197,7 +197,8 @@ class MicroStep:
     def _loss(self, inputs: dict, target: torch.Tensor) -> torch.Tensor:
         return velocity_loss(self.model(**inputs), target, self.config) / self.config.grad_accum
 
-    def prepare(self, batches: list[dict], generator: torch.Generator) -> None:
+    def prepare(self, batches: list[dict], generator: torch.Generator,
+                should_stop: Callable[[], bool] = lambda: False) -> None:
         """Capture the graphs of these batches' shapes (one per bucket) before training,
         so that no shape warms up beside another's captured graph (fluxtrain.graphs)."""
         if self.graphs is None:
@@ -207,7 +208,7 @@ class MicroStep:
         labels = [f"{b['latent'].shape[3] * 8}x{b['latent'].shape[2] * 8}, batch {b['latent'].shape[0]}"
                   for b in batches]
         try:
-            self.graphs.prepare(examples, labels, self.log)
+            self.graphs.prepare(examples, labels, self.log, should_stop)
             return
         except GraphCaptureFailed as error:
             failure = str(error)
@@ -301,7 +302,8 @@ def train(model: Flux, dataset: EncodedDataset, config: TrainConfig, run_dir: Pa
         example = step_generator(config.seed, 0, device)
         micro_step.prepare([collate([dataset[i] for i in members[:config.batch_size]], 0.0, example,
                                     dataset.empty_caption)
-                            for members in sampler.bucket_members().values()], example)
+                            for members in sampler.bucket_members().values()], example,
+                           should_stop or (lambda: False))
     for step in range(start, config.steps):
         if should_stop is not None and should_stop():
             state_path = checkpoint(step)

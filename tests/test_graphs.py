@@ -120,6 +120,23 @@ def test_every_bucket_is_warmed_up_before_any_graph_is_captured(tiny_sd, make_da
     assert losses == eager_losses
 
 
+def test_a_stop_asked_for_while_the_graphs_warm_up_captures_nothing_and_cancels(
+        tiny_sd, make_dataset, tmp_path, monkeypatch):
+    """Warming up every size can take minutes with compiling: a stop is heard between sizes."""
+    dataset = make_dataset(tmp_path / "data", buckets=((4, 4), (4, 6), (6, 6)), per_bucket=2)
+    monkeypatch.setattr(graphs, "CudaGraphBackend", EventRecorder)
+    monkeypatch.setattr(train_module, "graph_unavailable_reason", lambda *args: None)
+    EventRecorder.events = []
+    model = Flux(TINY)
+    model.load_state_dict(tiny_sd)
+    config = TrainConfig(steps=3, rank=4, alpha=4.0, compute_dtype="float32", checkpoint_every=0,
+                         cuda_graphs=True)
+    result = train(model, dataset, config, tmp_path / "run", log=lambda _: None,
+                   should_stop=lambda: "warm-up" in EventRecorder.events)   # after the first size
+    assert result.cancelled and result.steps_done == 0 and result.state_path is not None
+    assert EventRecorder.events == ["warm-up"] * graphs.WARMUP_RUNS      # one size, no capture
+
+
 class FailingLateCapture(ReplayRecorder):
     def capture(self, fn):
         if ReplayRecorder.captures == 2:
