@@ -274,10 +274,7 @@ def read_header(path: str | os.PathLike) -> dict[str, TensorMeta]:
             if dtype is None:
                 raise ValueError(f"tensor {key!r} has dtype {entry['dtype']!r}, which this "
                                  f"reader does not know (known: {sorted(_ST_DTYPES)})")
-            numel = 1
-            for d in shape:
-                numel *= d
-            if not 0 <= begin <= stop or stop - begin != numel * dtype.itemsize:
+            if not 0 <= begin <= stop or stop - begin != math.prod(shape) * dtype.itemsize:
                 raise ValueError(f"tensor {key!r}: data_offsets {[begin, stop]} do not fit "
                                  f"{entry['dtype']} {list(shape)}")
             metas[key] = TensorMeta(dtype, shape, str(path), 8 + n + begin)
@@ -376,6 +373,7 @@ class _Layout:
     info: CheckpointInfo
     sources: dict[str, tuple[str, ...]]   # BFL key -> stored keys, concatenated on dim 0
     scales: dict[str, str]                # BFL layer -> stored key of its scale_weight
+    metas: dict[str, TensorMeta]          # stored key -> its header entry
 
 
 def _check_keys(shapes: Mapping[str, tuple[int, ...]], params: FluxParams, where: str):
@@ -410,7 +408,7 @@ def _layout(path: str | os.PathLike, require_guidance: bool) -> _Layout:
     dtype = _weight_dtype((ms[0].dtype, shapes[bfl]) for bfl, ms in parts.items())
     info = CheckpointInfo(path=str(path), name=name, format=fmt, dtype=dtype, params=params,
                           is_schnell=is_schnell, variant=variant, files=[str(f) for f in files])
-    return _Layout(info, sources, scales)
+    return _Layout(info, sources, scales, metas)
 
 
 def _weight_dtype(dtypes_and_shapes) -> torch.dtype:
@@ -453,8 +451,7 @@ def stored_bytes(path: str | os.PathLike) -> dict[str, TensorMeta]:
     model holds them (one stored tensor, no concatenation or reordering); headers only.
     Diffusers' fused projections and the reordered final layer are not in it."""
     layout = _layout(path, require_guidance=False)
-    metas = _read_headers([Path(f) for f in layout.info.files])
-    return {bfl: metas[keys[0]] for bfl, keys in layout.sources.items()
+    return {bfl: layout.metas[keys[0]] for bfl, keys in layout.sources.items()
             if len(keys) == 1 and not (layout.info.format == "diffusers" and bfl in SWAP_HALVES)}
 
 

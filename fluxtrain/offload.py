@@ -101,6 +101,8 @@ def _cgroup_room(self_cgroup: Path, root: Path) -> int | None:
         lines = []
     places = []
     for line in lines:
+        if line.count(":") < 2:
+            continue
         _, controllers, path = line.split(":", 2)
         if controllers == "":
             places.append((root / path.lstrip("/"), _CGROUP_V2))
@@ -162,8 +164,12 @@ class HostArena:
         self.nbytes = total
         self.tensors = [self.buffer[o:o + dtype.itemsize * math.prod(shape)].view(dtype).view(shape)
                         for o, (shape, dtype) in zip(offsets, layout)]
-        self.pinned, self.pin_error = False, ""
-        self._unpin = None
+        self.pin_error = ""
+        self._unpin = None              # the finalizer that unlocks the buffer, while locked
+
+    @property
+    def pinned(self) -> bool:
+        return self._unpin is not None
 
     def pin(self) -> bool:
         """Page-lock the buffer in place. Call it once the weights are in: locking makes
@@ -172,8 +178,7 @@ class HostArena:
         if self.pinned or not self.nbytes:
             return self.pinned
         self.pin_error = _host_register(self.buffer)
-        self.pinned = not self.pin_error
-        if self.pinned:
+        if not self.pin_error:
             self._unpin = weakref.finalize(self, _host_unregister, self.buffer.data_ptr())
         else:
             log.warning("fluxtrain offload: could not page-lock %.1f GiB of host memory (%s); "
@@ -188,7 +193,6 @@ class HostArena:
                 torch.cuda.synchronize()      # no copy from it may still be in flight
             self._unpin()
             self._unpin = None
-            self.pinned = False
 
 
 def _cudart():

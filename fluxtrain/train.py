@@ -217,24 +217,25 @@ class MicroStep:
     def __call__(self, batch: dict, generator: torch.Generator) -> float:
         inputs, target = flow_inputs(batch, self.config, generator, self.model.params.guidance_embed)
         if self.graphs is not None:
+            held = len(self.graphs.graphs)
             try:
                 return self.graphs(inputs, target).item()
             except GraphCaptureFailed as error:      # gradients untouched: go on eagerly
                 failure = str(error)
-            self._graphs_failed(failure)
+            self._graphs_failed(failure, (
+                f" {held} graph(s) of other shapes held their memory while this one warmed up "
+                "(a bucket's smaller last batch, captured when first seen); a batch size that "
+                "divides every bucket avoids it.") if held else "")
         loss = self._loss(inputs, target)
         loss.backward()
         return loss.item()
 
-    def _graphs_failed(self, failure: str) -> None:
-        """Turn graphs off and give their memory back before the eager step. Called outside
-        the `except` block: the failure's traceback holds the frames of the failed warm-up
-        (its activations) in a reference cycle, which only a collection frees; the graphs'
-        pool goes when the graphs do."""
-        held = len(self.graphs.graphs)
-        why = (f" {held} graph(s) of other shapes held their memory while this one warmed up "
-               "(a bucket's smaller last batch, captured when first seen); a batch size that "
-               "divides every bucket avoids it." if held else "")
+    def _graphs_failed(self, failure: str, why: str = "") -> None:
+        """Turn graphs off and give their memory back before the eager step. Called after
+        the `except` block, when the failure's traceback (the frames of the failed warm-up,
+        the graphs) is gone; the graphs are dropped, anything left in reference cycles is
+        collected, and only then is the cache emptied. (Emptying it inside the `except`
+        block left 5.69 GiB in the graphs' pool and the next eager step out of memory.)"""
         self.log(f"[fluxtrain] CUDA graphs off: capturing the step failed ({failure}); "
                  f"training goes on without them.{why}")
         self.graphs.release()

@@ -175,6 +175,18 @@ class FailingWithActivations(ReplayRecorder):
         super().warm_up(fn)
 
 
+def test_a_capture_failing_among_the_prepared_ones_does_not_blame_a_late_shape(
+        tiny_sd, make_dataset, tmp_path, monkeypatch):
+    dataset = make_dataset(tmp_path / "data", buckets=((4, 4), (4, 6), (6, 6)), per_bucket=2)
+    monkeypatch.setattr(graphs, "CudaGraphBackend", FailingLateCapture)   # the third capture fails
+    monkeypatch.setattr(train_module, "graph_unavailable_reason", lambda *args: None)
+    ReplayRecorder.captures = 0
+    said = []
+    run(tiny_sd, dataset, tmp_path / "prepared", log=said.append, grad_accum=1, cuda_graphs=True)
+    failed = [line for line in said if "capturing the step failed" in line]
+    assert len(failed) == 1 and "captured when first seen" not in failed[0]
+
+
 def test_after_a_failed_capture_the_eager_step_runs_with_the_failures_memory_freed(
         tiny_sd, make_dataset, tmp_path, monkeypatch):
     # Batch 2 from buckets of 3: each bucket's last batch is a shape captured late.

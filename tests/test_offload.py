@@ -390,8 +390,8 @@ GIB = 2 ** 30
       "memory/memory.stat": "total_inactive_file 0\n"}, 12 * GIB),
     ("5:memory:/\n", {"memory/memory.limit_in_bytes": "9223372036854771712",
                       "memory/memory.usage_in_bytes": "1"}, None),                    # v1 unlimited
-    # a systemd slice with its own v2 limit
-    ("0::/user.slice/job.scope\n", {"user.slice/job.scope/memory.max": f"{2 * GIB}",
+    # a systemd slice with its own v2 limit (and a line this reader does not understand)
+    ("garbage\n0::/user.slice/job.scope\n", {"user.slice/job.scope/memory.max": f"{2 * GIB}",
                                     "user.slice/job.scope/memory.current": "0"}, 2 * GIB),
 ])
 def test_available_host_memory_counts_a_containers_memory_limit(tmp_path, cgroup_lines, files, room):
