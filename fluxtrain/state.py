@@ -1,25 +1,40 @@
 """Resumable training state: safetensors for tensors, JSON for the rest, never pickle.
 
-A run folder holds checkpoints `checkpoints/step-000100/` (written to a temporary
-folder, then renamed, so a crash never leaves a half checkpoint) and a
-`latest.json` pointer, replaced atomically after the folder is in place. The two
-newest checkpoints are kept.
+A run's state lives in its own folder (`run_folder`: `<runs root>/<name>.run/`), which
+never holds another run's: a run named `adv/x` lives in `adv/x.run/`, beside `adv.run/`,
+not inside it, so starting `adv` over cannot touch `adv/x`. The folder holds:
+
+    run.json              the run's identity (a random id, kept when the run starts over);
+                          LoRA files carry it, so a run overwrites only its own LoRA
+    inputs.json           the base and dataset the run was started on
+    latest.json           {"checkpoint": <folder name>, "step": N}, replaced atomically
+    checkpoints/step-000100/        lora, optimizer (safetensors) and state.json
+
+A checkpoint is written into a temporary folder and renamed to a name no folder has
+yet (`step-000100`, or `step-000100.2` when that step was saved before), and only
+then does latest.json point at it: at every instant latest.json names a complete
+checkpoint. The checkpoint it names and the newest one of an earlier step are kept.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
 
-from .files import atomic_write_json, atomic_write_safetensors, fsync_folder
+from .files import (UnsafePathError, atomic_write_json, atomic_write_safetensors, fsync_folder,
+                    remove_leftovers, safe_join, temp_path)
 
-KEEP_CHECKPOINTS = 2
+RUN_SUFFIX = ".run"
+RUN_FILES = ("latest.json", "inputs.json", "checkpoints")   # what starting over removes
+IDENTITY_FILE = "run.json"
 
 
 @dataclass
@@ -33,13 +48,93 @@ class TrainingState:
     path: Path | None = None
 
 
+# --------------------------------------------------------------------------- run folders
+
+def run_folder(runs_root: str | os.PathLike, name: str) -> Path:
+    """The state folder of run `name` under `runs_root`: `<name>.run`. No part of a name but
+    the last may end in '.run', so no run's folder is ever inside another run's."""
+    where = safe_join(runs_root, name, what="run name", example="dev2pro/my_lora")
+    parts = where.relative_to(runs_root).parts
+    clash = [p for p in parts[:-1] if p.lower().endswith(RUN_SUFFIX)]
+    if clash:
+        raise UnsafePathError(
+            f"run name {name!r} has a folder part {clash[0]!r} ending in {RUN_SUFFIX!r}, which "
+            f"would put it inside the state of run {clash[0][:-len(RUN_SUFFIX)]!r}; rename that "
+            "part (e.g. 'dev2pro/my_lora')")
+    return safe_join(runs_root, where.relative_to(runs_root).as_posix() + RUN_SUFFIX,
+                     what="run name", example="dev2pro/my_lora")
+
+
+def run_label(run_dir: Path) -> str:
+    """The run's name as logs show it: the folder name without the '.run' suffix."""
+    name = Path(run_dir).name
+    return name[:-len(RUN_SUFFIX)] if name.endswith(RUN_SUFFIX) else name
+
+
+def adopt_old_layout(runs_root: str | os.PathLike, name: str, run_dir: Path) -> bool:
+    """Earlier versions kept a run's files directly in `<runs root>/<name>/`, where other
+    runs' folders could nest. Move such a run's own files into its `.run` folder once."""
+    old = safe_join(runs_root, name, what="run name")
+    if run_dir.exists() or not (old / "latest.json").is_file():
+        return False
+    run_dir.mkdir(parents=True)
+    for entry in RUN_FILES:
+        if (old / entry).exists():
+            os.replace(old / entry, run_dir / entry)
+    fsync_folder(run_dir)
+    return True
+
+
+def start_over(run_dir: Path) -> None:
+    """Remove the run's checkpoints and records; its identity stays, so its own LoRA
+    file may still be replaced by the new start."""
+    for entry in RUN_FILES:
+        path = Path(run_dir) / entry
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        elif path.exists() or path.is_symlink():
+            path.unlink()
+
+
+def run_identity(run_dir: Path) -> str:
+    """The run's random id, made on first use and kept in run.json."""
+    record = Path(run_dir) / IDENTITY_FILE
+    try:
+        return json.loads(record.read_text())["run_id"]
+    except FileNotFoundError:
+        run_id = uuid.uuid4().hex
+        atomic_write_json(record, {"run_id": run_id})
+        return run_id
+    except (ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{record} is damaged ({e}); delete it to give the run a new identity "
+                         "(its LoRA file is then no longer recognised as its own)") from e
+
+
+def check_same_inputs(run_dir: Path, inputs: dict) -> None:
+    """A run resumes only on the base and dataset it was started on; they are recorded
+    in inputs.json on first use."""
+    record = Path(run_dir) / "inputs.json"
+    if record.is_file():
+        saved = json.loads(record.read_text())
+        differ = [k for k in inputs if saved.get(k) != inputs[k]]
+        if differ:
+            raise ValueError(
+                f"run {run_label(run_dir)!r} was started on other inputs ({', '.join(differ)}: "
+                f"saved {[saved.get(k) for k in differ]}, now {[inputs[k] for k in differ]}); use "
+                "a new run name (or run folder), or start that run over to replace it")
+    else:
+        atomic_write_json(record, inputs)
+
+
+# --------------------------------------------------------------------------- checkpoints
+
 def save_state(run_dir: Path, state: TrainingState) -> Path:
     run_dir = Path(run_dir)
     checkpoints = run_dir / "checkpoints"
     checkpoints.mkdir(parents=True, exist_ok=True)
-    final = checkpoints / f"step-{state.step:06d}"
-    tmp = checkpoints / f".step-{state.step:06d}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
+    remove_leftovers(checkpoints)   # what saves killed before left
+    final = _free_name(checkpoints, f"step-{state.step:06d}")
+    tmp = temp_path(final)
     tmp.mkdir()
 
     # Each write is fsynced with its folder, so the folder is durable before the rename.
@@ -49,18 +144,42 @@ def save_state(run_dir: Path, state: TrainingState) -> Path:
     atomic_write_json(tmp / "state.json", {
         "step": state.step, "optimizer": optim_json, "sampler": state.sampler,
         "config": state.config, "losses": state.losses})
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
+    os.replace(tmp, final)      # onto a name no folder has: never over a checkpoint
     fsync_folder(checkpoints)
     atomic_write_json(run_dir / "latest.json", {"checkpoint": final.name, "step": state.step})
-    for old in sorted(p for p in checkpoints.glob("step-*") if p.is_dir())[:-KEEP_CHECKPOINTS]:
-        shutil.rmtree(old, ignore_errors=True)
+    _prune(checkpoints, keep=final)
     return final
 
 
-def load_latest_state(run_dir: Path) -> TrainingState | None:
-    """The newest complete checkpoint of a run, or None when the run has none."""
+def _free_name(folder: Path, name: str) -> Path:
+    """`folder/name`, or `folder/name.2`, `.3`... if a checkpoint of that step exists."""
+    path, n = folder / name, 1
+    while path.exists():
+        n += 1
+        path = folder / f"{name}.{n}"
+    return path
+
+
+_CHECKPOINT_NAME = re.compile(r"step-(\d+)(?:\.(\d+))?")
+
+
+def _save_order(path: Path) -> tuple[int, int] | None:
+    """(step, save of that step) of a checkpoint folder name, None for other names."""
+    match = _CHECKPOINT_NAME.fullmatch(path.name)
+    return (int(match.group(1)), int(match.group(2) or 1)) if match else None
+
+
+def _prune(checkpoints: Path, keep: Path) -> None:
+    """Keep `keep` (latest.json's) and the newest checkpoint of an earlier step."""
+    saved = sorted((p for p in checkpoints.iterdir()
+                    if p != keep and p.is_dir() and _save_order(p) is not None), key=_save_order)
+    earlier = [p for p in saved if _save_order(p)[0] < _save_order(keep)[0]]
+    for old in saved:
+        if not earlier or old != earlier[-1]:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def _latest_folder(run_dir: Path) -> Path | None:
     pointer = Path(run_dir) / "latest.json"
     if not pointer.exists():
         return None
@@ -69,6 +188,21 @@ def load_latest_state(run_dir: Path) -> TrainingState | None:
         raise FileNotFoundError(
             f"{pointer} points at {folder.name}, which is missing or incomplete; delete "
             f"latest.json to start the run over, or restore the checkpoint folder")
+    return folder
+
+
+def latest_state_info(run_dir: Path) -> dict | None:
+    """{"step", "config", ...} of the newest checkpoint, from its state.json alone (no
+    tensors read), or None when the run has none."""
+    folder = _latest_folder(run_dir)
+    return None if folder is None else json.loads((folder / "state.json").read_text())
+
+
+def load_latest_state(run_dir: Path) -> TrainingState | None:
+    """The newest complete checkpoint of a run, or None when the run has none."""
+    folder = _latest_folder(run_dir)
+    if folder is None:
+        return None
     meta = json.loads((folder / "state.json").read_text())
     optimizer = _join_optimizer_state(load_file(str(folder / "optimizer.safetensors")),
                                       meta["optimizer"])

@@ -28,7 +28,7 @@ from .dataset import BucketBatchSampler, EncodedDataset, collate
 from .flux import Flux, pack_latents, text_ids
 from .graphs import GraphCaptureFailed, StepGraphs, graph_unavailable_reason
 from .lora import LoRAConfig, attach_lora, load_lora_state_dict, lora_state_dict, save_lora_file
-from .state import TrainingState, load_latest_state, save_state
+from .state import TrainingState, load_latest_state, run_label, save_state
 from .timesteps import METHODS as TIMESTEP_METHODS, sample_timesteps
 
 MEMORY_MODES = ("auto", "fast", "lean", "offload")
@@ -289,7 +289,7 @@ def train(model: Flux, dataset: EncodedDataset, config: TrainConfig, run_dir: Pa
         optimizer.load_state_dict(resumed.optimizer)
         sampler.load_state_dict(resumed.sampler)
         start, losses = resumed.step, list(resumed.losses)
-        log(f"[fluxtrain] resuming {run_dir.name} at step {start}/{config.steps}")
+        log(f"[fluxtrain] resuming {run_label(run_dir)} at step {start}/{config.steps}")
     log("[fluxtrain] " + json.dumps(config.to_dict()))
 
     def checkpoint(step: int) -> Path:

@@ -15,6 +15,7 @@ from pathlib import Path
 import folder_paths
 from comfy_api.latest import io
 
+from ..fluxtrain import state
 from ..fluxtrain.files import safe_join
 
 CATEGORY = "training/dev2pro"
@@ -59,9 +60,14 @@ def lora_file(name: str) -> tuple[Path, str]:
     return path, path.relative_to(loras_root()).as_posix()
 
 
+def runs_root() -> Path:
+    return output_root() / RUNS_FOLDER
+
+
 def run_folder(name: str) -> Path:
-    """The run's resumable-state folder, keyed by the run name, under output/dev2pro/runs."""
-    return safe_join(output_root() / RUNS_FOLDER, clean_name(name), what="run name")
+    """The run's resumable-state folder, output/dev2pro/runs/<name>.run (never inside
+    another run's: fluxtrain.state.run_folder)."""
+    return state.run_folder(runs_root(), clean_name(name))
 
 
 def base_hashes_file() -> Path:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import gc
 import json
-import shutil
 import time
 from dataclasses import MISSING, fields
 
@@ -25,9 +24,10 @@ from ..fluxtrain.placement import BaseTensors, load_base_for_training
 from ..fluxtrain.dataset import EncodedDataset
 from ..fluxtrain.files import atomic_write_json
 from ..fluxtrain.lora import load_lora_file
+from ..fluxtrain.state import adopt_old_layout, start_over
 from ..fluxtrain.train import TrainConfig, train
 from .common import (CATEGORY, BaseType, DatasetType, RunType, base_hashes_file, clean_name,
-                     forget_lora_list, lora_file, recipe_metadata, run_folder)
+                     forget_lora_list, lora_file, recipe_metadata, run_folder, runs_root)
 
 # Inputs of the node that are not TrainConfig fields.
 NODE_INPUTS = ("base", "dataset", "name", "resume")
@@ -89,7 +89,7 @@ class Dev2ProTrainLoRA(io.ComfyNode):
                 DatasetType.Input("dataset", tooltip="From Encode Dataset."),
                 io.String.Input("name", default="dev2pro/my_lora",
                                 tooltip="Run name: the LoRA is written to models/loras/<name>.safetensors "
-                                        "and the resumable state to output/dev2pro/runs/<name>/. "
+                                        "and the resumable state to output/dev2pro/runs/<name>.run/. "
                                         "Sub-folders are fine; '..' and absolute paths are refused."),
                 io.Boolean.Input("resume", default=True, label_on="resume", label_off="start over",
                                  tooltip="resume: continue this run name's last checkpoint when the "
@@ -131,8 +131,9 @@ class Dev2ProTrainLoRA(io.ComfyNode):
         name = clean_name(name)
         lora_path, lora_name = lora_file(name)
         run_dir = run_folder(name)
-        if not resume and run_dir.exists():
-            shutil.rmtree(run_dir)
+        adopt_old_layout(runs_root(), name, run_dir)
+        if not resume:
+            start_over(run_dir)
         data = EncodedDataset.open(dataset["path"])
         _check_same_inputs(run_dir, name, base, dataset)
 

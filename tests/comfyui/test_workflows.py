@@ -212,7 +212,7 @@ def test_cancel_mid_run_leaves_a_state_that_resumes(setup, ab_run):
     server, models, info = setup
     workflow = load_workflow(TRAIN_ONLY)
     prompt = for_test_models(ui_to_api(workflow, info), models, name="cancel/run", steps=3)
-    run_dir = server.output_dir / "dev2pro" / "runs" / "cancel" / "run"
+    run_dir = server.output_dir / "dev2pro" / "runs" / "cancel" / "run.run"
     prompt_id = server.queue(prompt)
     server.events.wait_for(lambda kind, data: kind == "dev2pro.progress" and data["run"] == "cancel/run"
                            and data["step"] >= 1, timeout=TIMEOUT)
