@@ -79,3 +79,70 @@ def test_starting_over_keeps_the_run_identity(tmp_path):
     start_over(run_dir)
     assert run_identity(run_dir) == identity and len(identity) == 32
     assert run_identity(run_folder(tmp_path, "other")) != identity
+
+
+# ---------------------------------------------------------------- item 4: a crash at any point of a save
+
+class Crash(BaseException):
+    """The process dies here: nothing after it runs, not even cleanup handlers' file operations."""
+
+
+FILE_OPERATIONS = [(os, "replace"), (os, "rename"), (os, "unlink"), (os, "remove"), (os, "rmdir"),
+                   (os, "mkdir"), (os, "fsync"), (shutil, "rmtree"), (Path, "write_bytes")]
+
+
+def crash_at(monkeypatch, k: int) -> list[str]:
+    """Make the k-th file operation (and every later one) raise Crash; returns the log of
+    operations seen. safetensors' writer counts as one operation."""
+    import safetensors.torch
+
+    seen = []
+
+    def wrap(name, real):
+        def op(*args, **kwargs):
+            seen.append(name)
+            if len(seen) >= k:
+                raise Crash(f"crash at operation {len(seen)} ({name})")
+            return real(*args, **kwargs)
+        return op
+
+    for owner, name in FILE_OPERATIONS:
+        monkeypatch.setattr(owner, name, wrap(name, getattr(owner, name)))
+    monkeypatch.setattr(safetensors.torch, "save_file", wrap("save_file", safetensors.torch.save_file))
+    return seen
+
+
+def leftovers(run_dir: Path) -> list[str]:
+    return sorted(p.name for p in [*run_dir.iterdir(), *(run_dir / "checkpoints").iterdir()]
+                  if p.name.startswith("."))
+
+
+@pytest.mark.parametrize("old_step, new_step", [(6, 6), (4, 6)], ids=["same step again", "next step"])
+def test_latest_points_at_a_complete_checkpoint_whatever_operation_a_crash_interrupts(
+        tmp_path, monkeypatch, old_step, new_step):
+    """Crash between every two file operations of a save: latest.json always names a
+    checkpoint that loads (the old or the new one), and the next save cleans up."""
+    k = 0
+    while True:
+        k += 1
+        run_dir = tmp_path / f"crash{k}"
+        save_state(run_dir, make_state(2, value=0))
+        save_state(run_dir, make_state(old_step, value=1))
+        with monkeypatch.context() as patch:
+            seen = crash_at(patch, k)
+            try:
+                save_state(run_dir, make_state(new_step, value=2))
+                finished = True
+            except Crash:
+                finished = False
+        loaded = load_latest_state(run_dir)
+        assert (loaded.step, float(loaded.lora["a.lora_down.weight"][0, 0])) in \
+            ((old_step, 1.0), (new_step, 2.0)), f"crash at {seen[-1:]}, operation {k}"
+        if finished:
+            break
+        save_state(run_dir, make_state(new_step + 1, value=3))     # after the restart
+        assert_loads(run_dir, new_step + 1, 3)
+        assert leftovers(run_dir) == [], f"crash at operation {k} ({seen[-1]}) left {leftovers(run_dir)}"
+    assert k > 10, f"only {k - 1} operations were interrupted: the simulation does not reach the save"
+    assert_loads(run_dir, new_step, 2)
+    assert len(list((run_dir / "checkpoints").iterdir())) == 2
