@@ -48,6 +48,22 @@ def test_guidance_embedding_receives_exactly_the_configured_value(tiny_sd, datas
     assert torch.equal(values, torch.full_like(values, guidance))
 
 
+def test_timesteps_and_guidance_reach_the_embedders_in_float32_under_bf16_compute(tiny_sd, dataset,
+                                                                                  tmp_path):
+    """ComfyUI samples with float32 timesteps; rounded to bf16 on the way in, the conditioning
+    the LoRA learns under would differ from the one it is used under."""
+    model = tiny_model(tiny_sd)
+    seen = {"time_in": [], "guidance_in": []}
+    for name, values in seen.items():
+        getattr(model, name).register_forward_pre_hook(lambda module, args, v=values: v.append(args[0]))
+    train(model, dataset, cpu_config(steps=3, compute_dtype="bfloat16", guidance=1.01),
+          tmp_path / "run", log=lambda _: None)
+    times, guidance = torch.cat(seen["time_in"]), torch.cat(seen["guidance_in"])
+    assert times.dtype == torch.float32 and guidance.dtype == torch.float32
+    assert not torch.equal(times, times.bfloat16().float()), "the timesteps were rounded to bf16"
+    assert torch.equal(guidance, torch.full_like(guidance, 1.01))
+
+
 def test_default_guidance_is_one():
     assert TrainConfig().guidance == 1.0
 
