@@ -117,7 +117,7 @@ class TrainConfig:
 
 
 class TrainingDiverged(RuntimeError):
-    """The loss became NaN or infinite; the last good checkpoint is kept."""
+    """The loss or the gradient became NaN or infinite; the last good checkpoint is kept."""
 
 
 @dataclass
@@ -170,6 +170,14 @@ def flow_inputs(batch: dict, config: TrainConfig, generator: torch.Generator,
                   guidance=(torch.full((batch_size,), config.guidance, device=device,
                                        dtype=torch.float32) if guidance_embed else None))
     return inputs, noise - x0
+
+
+def clip_gradients(params: list, max_norm: float) -> float:
+    """Clip the gradients to `max_norm` (0: no clipping); the total norm before clipping."""
+    if max_norm > 0:
+        return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+    norms = [torch.linalg.vector_norm(p.grad) for p in params if p.grad is not None]
+    return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
 
 
 def velocity_loss(velocity: torch.Tensor, target: torch.Tensor, config: TrainConfig) -> torch.Tensor:
@@ -331,8 +339,13 @@ def train(model: Flux, dataset: EncodedDataset, config: TrainConfig, run_dir: Pa
                         f"{state_path or 'none (no checkpoint yet)'}. Lower the learning rate "
                         "or check the dataset, then resume or restart.")
                 loss_sum += value
-        if config.max_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
+        norm = clip_gradients(params, config.max_grad_norm)
+        if not math.isfinite(norm):     # a finite loss can still have a NaN gradient
+            raise TrainingDiverged(
+                f"the gradient norm became {norm} at step {step + 1} (loss {loss_sum:.4g}); the "
+                f"last good checkpoint is {state_path or 'none (no checkpoint yet)'}, and no "
+                "LoRA was written from this step. Lower the learning rate or check the dataset, "
+                "then resume or restart.")
         optimizer.step()
         micro_step.zero_grad()
         losses.append(loss_sum)

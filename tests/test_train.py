@@ -13,6 +13,7 @@ from fluxtrain import cli
 from fluxtrain.flux import Flux
 from fluxtrain.lora import LoRAConfig, adapter_deltas, attach_lora, load_lora_file, lora_deltas
 from fluxtrain.params import TINY
+from fluxtrain.state import load_latest_state
 from fluxtrain.synthetic import write_bfl
 from fluxtrain.train import (TrainConfig, TrainingDiverged, flow_inputs, learning_rate_at, train,
                              velocity_loss)
@@ -119,6 +120,29 @@ def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_checkpoint(tiny_
               log=lambda _: None)
     latest = json.loads((tmp_path / "run" / "latest.json").read_text())
     assert latest["step"] == 2
+
+
+@pytest.mark.parametrize("max_grad_norm", [1.0, 0.0], ids=["clipped", "no clipping"])
+def test_non_finite_gradient_stops_like_a_non_finite_loss(tiny_sd, dataset, tmp_path, max_grad_norm):
+    """A finite loss with a NaN gradient: the run stops naming the step, no NaN reaches the
+    LoRA file or a checkpoint, and the last good checkpoint stays the latest."""
+    model = tiny_model(tiny_sd)
+    calls = []
+
+    def poison_gradient(module, args, output):   # the 4th step's backward turns NaN
+        calls.append(1)
+        if len(calls) == 4:
+            output.register_hook(lambda grad: grad * float("nan"))
+        return output
+
+    model.double_blocks[0].img_attn.proj.register_forward_hook(poison_gradient)
+    lora = tmp_path / "lora.safetensors"
+    with pytest.raises(TrainingDiverged, match=r"gradient norm became nan at step 4.*step-000002"):
+        train(model, dataset, cpu_config(steps=6, checkpoint_every=2, max_grad_norm=max_grad_norm),
+              tmp_path / "run", lora_path=lora, log=lambda _: None)
+    assert not lora.exists()
+    latest = load_latest_state(tmp_path / "run")
+    assert latest.step == 2 and all(torch.isfinite(t).all() for t in latest.lora.values())
 
 
 def test_checkpoints_keep_the_two_newest_and_a_broken_pointer_is_named(tiny_sd, dataset, tmp_path):
