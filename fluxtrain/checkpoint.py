@@ -336,6 +336,11 @@ def weight_files(path: str | os.PathLike) -> list[Path]:
     return [d / s for s in shards]
 
 
+def checkpoint_size(path: str | os.PathLike) -> int:
+    """Bytes in a model's weight files (all shards)."""
+    return sum(f.stat().st_size for f in weight_files(path))
+
+
 def _model_name(p: Path) -> str:
     # A diffusers model is named by its folder, not by its "transformer" subfolder.
     if p.is_dir() and p.name == "transformer":

@@ -17,11 +17,11 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import content_hash
+from .checkpoint import checkpoint_size, content_hash, describe_checkpoint
 from .dataset import EncodedDataset
 from .memory import MemoryPlanError
 from .placement import load_base_for_training
-from .train import TrainConfig, TrainingDiverged, train
+from .train import TrainConfig, TrainingDiverged, prepare_run, run_inputs, train
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -34,6 +34,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--run-dir", required=True, type=Path,
                         help="folder for resumable checkpoints; the same folder resumes the run")
     parser.add_argument("--config", type=Path, help="JSON file of training settings")
+    parser.add_argument("--overwrite-lora", action="store_true",
+                        help="replace the --lora file even when it is not this run's own output "
+                             "(by default an existing file another run or tool wrote is kept and "
+                             "the run refused)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     for f in fields(TrainConfig):
         option = "--" + f.name.replace("_", "-")
@@ -65,6 +69,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.lora.suffix != ".safetensors":
             raise ValueError(f"--lora must end in .safetensors, got {args.lora.name}")
         dataset = EncodedDataset.open(args.dataset)
+        inputs = run_inputs(describe_checkpoint(args.base).name, checkpoint_size(args.base), dataset)
+        prepare_run(args.run_dir, config, inputs=inputs, lora_path=args.lora,
+                    overwrite_lora=args.overwrite_lora)
         placed = load_base_for_training(args.base, config, dataset, args.device)
     except (ValueError, FileNotFoundError, MemoryPlanError) as error:
         print(f"error: {error}", file=sys.stderr)
@@ -81,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         train(model, dataset, config, args.run_dir, lora_path=args.lora, base_metadata=base,
-              on_step=report)
+              inputs=inputs, overwrite_lora=args.overwrite_lora, on_step=report)
     except TrainingDiverged as error:
         print(f"error: {error}", file=sys.stderr)
         return 3

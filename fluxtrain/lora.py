@@ -28,7 +28,7 @@ from typing import Mapping, NamedTuple
 
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from torch import Tensor, nn
 
 from .checkpoint import SWAP_HALVES, diffusers_key_map
@@ -350,6 +350,36 @@ def save_lora_file(path, adapters: Mapping[str, LoRAAdapter], config: LoRAConfig
         "fluxtrain_modules": str(len(adapters)),
     })
     return atomic_write_safetensors(tensors, path, meta)
+
+
+RUN_ID_KEY = "fluxtrain_run_id"   # metadata: the identity of the run that wrote the file
+
+
+def lora_run_id(path) -> str | None:
+    """The run identity a LoRA file's metadata names; None for a file no run of ours wrote
+    (another trainer's, an older version's, or not a safetensors file at all)."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return (f.metadata() or {}).get(RUN_ID_KEY)
+    except (SafetensorError, OSError):
+        return None
+
+
+def check_lora_replaceable(path, run_id: str | None, overwrite: bool = False) -> None:
+    """A run writes over an existing LoRA file only when the file is its own earlier output
+    (its metadata names `run_id`), or when asked to with `overwrite`."""
+    path = Path(path)
+    if overwrite or not (path.exists() or path.is_symlink()):
+        return
+    owner = lora_run_id(path)
+    if owner is None or owner != run_id:
+        whose = ("another training run's output" if owner else
+                 "not the output of a training run of this pack (or of one before it kept "
+                 "run identities)")
+        raise LoRAFileError(
+            f"the LoRA file {path.name} already exists and is {whose}: it is left as it is. "
+            "Give this run another name, or turn on overwrite_lora (--overwrite-lora on the "
+            "command line) to replace that file.")
 
 
 def load_lora_file(path) -> tuple[dict[str, Tensor], dict[str, str]]:

@@ -96,12 +96,15 @@ def start_over(run_dir: Path) -> None:
             path.unlink()
 
 
-def run_identity(run_dir: Path) -> str:
-    """The run's random id, made on first use and kept in run.json."""
+def run_identity(run_dir: Path, create: bool = True) -> str | None:
+    """The run's random id, kept in run.json; made on first use (None if not yet made and
+    not `create`)."""
     record = Path(run_dir) / IDENTITY_FILE
     try:
         return json.loads(record.read_text())["run_id"]
     except FileNotFoundError:
+        if not create:
+            return None
         run_id = uuid.uuid4().hex
         atomic_write_json(record, {"run_id": run_id})
         return run_id
@@ -111,19 +114,23 @@ def run_identity(run_dir: Path) -> str:
 
 
 def check_same_inputs(run_dir: Path, inputs: dict) -> None:
-    """A run resumes only on the base and dataset it was started on; they are recorded
-    in inputs.json on first use."""
+    """A run resumes only on the base and dataset it was started on (inputs.json)."""
     record = Path(run_dir) / "inputs.json"
-    if record.is_file():
-        saved = json.loads(record.read_text())
-        differ = [k for k in inputs if saved.get(k) != inputs[k]]
-        if differ:
-            raise ValueError(
-                f"run {run_label(run_dir)!r} was started on other inputs ({', '.join(differ)}: "
-                f"saved {[saved.get(k) for k in differ]}, now {[inputs[k] for k in differ]}); use "
-                "a new run name (or run folder), or start that run over to replace it")
-    else:
-        atomic_write_json(record, inputs)
+    if not record.is_file():
+        return
+    saved = json.loads(record.read_text())
+    differ = [k for k in inputs if saved.get(k) != inputs[k]]
+    if differ:
+        raise ValueError(
+            f"run {run_label(run_dir)!r} was started on other inputs ({', '.join(differ)}: "
+            f"saved {[saved.get(k) for k in differ]}, now {[inputs[k] for k in differ]}); use "
+            "a new run name (or run folder), or start that run over to replace it")
+
+
+def record_inputs(run_dir: Path, inputs: dict) -> None:
+    """Keep the base and dataset a run starts on, for check_same_inputs."""
+    if not (Path(run_dir) / "inputs.json").is_file():
+        atomic_write_json(Path(run_dir) / "inputs.json", inputs)
 
 
 # --------------------------------------------------------------------------- checkpoints

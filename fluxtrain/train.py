@@ -27,8 +27,10 @@ from . import __version__
 from .dataset import BucketBatchSampler, EncodedDataset, collate
 from .flux import Flux, pack_latents, text_ids
 from .graphs import GraphCaptureFailed, StepGraphs, graph_unavailable_reason
-from .lora import LoRAConfig, attach_lora, load_lora_state_dict, lora_state_dict, save_lora_file
-from .state import TrainingState, load_latest_state, run_label, save_state
+from .lora import (RUN_ID_KEY, LoRAConfig, attach_lora, check_lora_replaceable, load_lora_state_dict,
+                   lora_state_dict, save_lora_file)
+from .state import (TrainingState, check_same_inputs, latest_state_info, load_latest_state,
+                    record_inputs, run_identity, run_label, save_state)
 from .timesteps import METHODS as TIMESTEP_METHODS, sample_timesteps
 
 MEMORY_MODES = ("auto", "fast", "lean", "offload")
@@ -270,18 +272,51 @@ def step_generator(seed: int, step: int, device) -> torch.Generator:
     return generator
 
 
+def run_inputs(base_name: str, base_size: int, dataset: EncodedDataset) -> dict:
+    """What a run is tied to: its base (name and size in bytes) and its dataset (the folder
+    name: the content key of a dataset Encode Dataset made)."""
+    return {"base": base_name, "base_size": int(base_size), "dataset": dataset.folder.name}
+
+
+def prepare_run(run_dir: Path, config: TrainConfig, *, inputs: dict | None = None,
+                lora_path: Path | None = None, overwrite_lora: bool = False) -> None:
+    """Refuse, before a base is loaded, what would corrupt or lose work: resuming on other
+    inputs (run_inputs) or settings than the run started with, asking for fewer steps than
+    it has trained, and writing over a LoRA file that is not this run's own output (unless
+    `overwrite_lora`). `train` calls it too; callers call it first to fail fast."""
+    run_dir = Path(run_dir)
+    saved = latest_state_info(run_dir)
+    if saved is not None:
+        _check_resumable(saved["config"], config)
+        if saved["step"] > config.steps:
+            raise ValueError(
+                f"run {run_label(run_dir)!r} has already trained {saved['step']} steps, more than "
+                f"the {config.steps} asked for; ask for {saved['step']} steps to get its LoRA "
+                f"again or more to train on, or start it over (a new run name or folder)")
+    if inputs is not None:
+        check_same_inputs(run_dir, inputs)
+    if lora_path is not None:
+        check_lora_replaceable(lora_path, run_identity(run_dir, create=False), overwrite_lora)
+
+
 def train(model: Flux, dataset: EncodedDataset, config: TrainConfig, run_dir: Path, *,
           lora_path: Path | None = None, base_metadata: dict | None = None,
+          inputs: dict | None = None, overwrite_lora: bool = False,
           on_step: Callable[[StepReport], None] | None = None,
           should_stop: Callable[[], bool] | None = None,
           log: Callable[[str], None] = print) -> TrainResult:
     """Train a LoRA on `model` (frozen) over `dataset`; resume from `run_dir` if it holds
-    a checkpoint of the same settings. Writes the LoRA file to `lora_path` when done."""
+    a checkpoint of the same settings (and `inputs`, see prepare_run). Writes the LoRA
+    file to `lora_path` when done, with the run's identity in its metadata."""
     run_dir = Path(run_dir)
     device = next(model.parameters()).device
     if not model.params.guidance_embed:
         raise ValueError("this base model has no guidance embedding (schnell?): guidance "
                          "training needs FLUX.1-dev or Flux-Dev2Pro")
+    prepare_run(run_dir, config, inputs=inputs, lora_path=lora_path, overwrite_lora=overwrite_lora)
+    run_id = run_identity(run_dir)
+    if inputs is not None:
+        record_inputs(run_dir, inputs)
     model.requires_grad_(False)
     adapters = attach_lora(model, config.lora_config(), seed=config.seed)
     for adapter in adapters.values():     # offloaded layers keep their weight on the host
@@ -294,7 +329,6 @@ def train(model: Flux, dataset: EncodedDataset, config: TrainConfig, run_dir: Pa
     start, losses = 0, []
     resumed = load_latest_state(run_dir)
     if resumed is not None:
-        _check_resumable(resumed.config, config)
         load_lora_state_dict(adapters, resumed.lora)
         optimizer.load_state_dict(resumed.optimizer)
         sampler.load_state_dict(resumed.sampler)
@@ -308,6 +342,7 @@ def train(model: Flux, dataset: EncodedDataset, config: TrainConfig, run_dir: Pa
             sampler=sampler.state_dict(), config=config.to_dict(), losses=losses))
 
     state_path = resumed.path if resumed else None
+    saved_step = resumed.step if resumed else None    # a step saved once is not saved again
     model.train()
     if micro_step.graphs is not None:  # every bucket's graph up front, from one micro-batch each
         example = step_generator(config.seed, 0, device)
@@ -317,7 +352,8 @@ def train(model: Flux, dataset: EncodedDataset, config: TrainConfig, run_dir: Pa
                            should_stop or (lambda: False))
     for step in range(start, config.steps):
         if should_stop is not None and should_stop():
-            state_path = checkpoint(step)
+            if saved_step != step:
+                state_path = checkpoint(step)
             log(f"[fluxtrain] cancelled before step {step + 1}; resumable state in {state_path}")
             return TrainResult(step, losses, True, None, state_path, config)
         began = time.perf_counter()
@@ -353,11 +389,12 @@ def train(model: Flux, dataset: EncodedDataset, config: TrainConfig, run_dir: Pa
             on_step(StepReport(step + 1, config.steps, loss_sum, lr, time.perf_counter() - began))
         done = step + 1
         if config.checkpoint_every and done % config.checkpoint_every == 0 and done < config.steps:
-            state_path = checkpoint(done)
+            state_path, saved_step = checkpoint(done), done
 
-    state_path = checkpoint(config.steps)
+    if saved_step != config.steps:
+        state_path = checkpoint(config.steps)
     if lora_path is not None:
-        metadata = lora_metadata(config, dataset, base_metadata or {})
+        metadata = {**lora_metadata(config, dataset, base_metadata or {}), RUN_ID_KEY: run_id}
         save_lora_file(lora_path, adapters, config.lora_config(), metadata)
         log(f"[fluxtrain] LoRA written to {Path(lora_path).name}")
     return TrainResult(config.steps, losses, False, lora_path, state_path, config)

@@ -12,25 +12,23 @@ path), then re-raises. Queueing the same run name with the same settings resumes
 from __future__ import annotations
 
 import gc
-import json
 import time
 from dataclasses import MISSING, fields
 
 import torch
 from comfy_api.latest import io
 
-from ..fluxtrain.checkpoint import content_hash, weight_files
+from ..fluxtrain.checkpoint import checkpoint_size, content_hash
 from ..fluxtrain.placement import BaseTensors, load_base_for_training
 from ..fluxtrain.dataset import EncodedDataset
-from ..fluxtrain.files import atomic_write_json
-from ..fluxtrain.lora import load_lora_file
-from ..fluxtrain.state import adopt_old_layout, start_over
-from ..fluxtrain.train import TrainConfig, train
+from ..fluxtrain.lora import check_lora_replaceable, load_lora_file
+from ..fluxtrain.state import adopt_old_layout, run_identity, start_over
+from ..fluxtrain.train import TrainConfig, prepare_run, run_inputs, train
 from .common import (CATEGORY, BaseType, DatasetType, RunType, base_hashes_file, clean_name,
                      forget_lora_list, lora_file, recipe_metadata, run_folder, runs_root)
 
 # Inputs of the node that are not TrainConfig fields.
-NODE_INPUTS = ("base", "dataset", "name", "resume")
+NODE_INPUTS = ("base", "dataset", "name", "resume", "overwrite_lora")
 GUIDANCE_HELP = ("\n\nDev2Pro: keep 1.0. Dev2Pro is FLUX.1-dev fine-tuned with this input held at "
                  "1.0; a LoRA trained there at 1.0, then used on plain dev with any FluxGuidance, is "
                  "reported to beat one trained on dev. For a fair A/B on dev, use the same value.")
@@ -96,6 +94,12 @@ class Dev2ProTrainLoRA(io.ComfyNode):
                                          "settings match (more steps may be added). start over: "
                                          "delete this run's checkpoints first."),
                 *[_widget(f) for f in config_fields()],
+                # Last: saved workflows list the widget values by position.
+                io.Boolean.Input("overwrite_lora", default=False,
+                                 tooltip="Off: an existing LoRA file of this name is written over "
+                                         "only when this run wrote it (its metadata says so); "
+                                         "any other file is kept and the run refused. On: "
+                                         "replace whatever file has this name."),
             ],
             outputs=[
                 io.LoraModel.Output(display_name="lora",
@@ -122,7 +126,7 @@ class Dev2ProTrainLoRA(io.ComfyNode):
         return True
 
     @classmethod
-    def execute(cls, base, dataset, name, resume, **settings) -> io.NodeOutput:
+    def execute(cls, base, dataset, name, resume, overwrite_lora=False, **settings) -> io.NodeOutput:
         import comfy.model_management as mm
         import comfy.utils
         from server import PromptServer
@@ -132,10 +136,13 @@ class Dev2ProTrainLoRA(io.ComfyNode):
         lora_path, lora_name = lora_file(name)
         run_dir = run_folder(name)
         adopt_old_layout(runs_root(), name, run_dir)
-        if not resume:
+        if not resume:     # refused for a foreign LoRA before anything is deleted
+            check_lora_replaceable(lora_path, run_identity(run_dir, create=False), overwrite_lora)
             start_over(run_dir)
         data = EncodedDataset.open(dataset["path"])
-        _check_same_inputs(run_dir, name, base, dataset)
+        size = checkpoint_size(base["path"]) if base.get("path") else base.get("size", 0)
+        inputs = run_inputs(base["name"], size, data)
+        prepare_run(run_dir, config, inputs=inputs, lora_path=lora_path, overwrite_lora=overwrite_lora)
 
         node_id = cls.hidden.unique_id
         base_hash = (content_hash(base["path"], base_hashes_file())    # "" for a MODEL
@@ -182,7 +189,8 @@ class Dev2ProTrainLoRA(io.ComfyNode):
                 print(f"[dev2pro] training {name} on {base['summary']}, {len(data)} samples, "
                       f"guidance {config.guidance:g}, {config.steps} steps", flush=True)
                 result = train(placed.model, data, config, run_dir, lora_path=lora_path,
-                               base_metadata=metadata, on_step=on_step, should_stop=stop,
+                               base_metadata=metadata, inputs=inputs, overwrite_lora=overwrite_lora,
+                               on_step=on_step, should_stop=stop,
                                log=lambda line: print(line, flush=True))
         finally:
             if placed is not None:
@@ -207,27 +215,6 @@ class Dev2ProTrainLoRA(io.ComfyNode):
               "text": [f"{lora_name}: {result.steps_done} steps, final loss "
                        f"{result.losses[-1] if result.losses else float('nan'):.4f}"]}
         return io.NodeOutput(lora, run, {"loss": run["losses"]}, lora_name, ui=ui)
-
-
-def _check_same_inputs(run_dir, name, base, dataset) -> None:
-    """A run name resumes only on the same base and dataset; record them on first use."""
-    record = run_dir / "inputs.json"
-    size = _size(base["path"]) if base.get("path") else base.get("size", 0)
-    now = {"base": base["name"], "base_size": size, "dataset": dataset["key"]}
-    if record.is_file():
-        saved = json.loads(record.read_text())
-        differ = [k for k in now if saved.get(k) != now[k]]
-        if differ:
-            raise ValueError(
-                f"run {name!r} was started on other inputs ({', '.join(differ)}: saved "
-                f"{[saved.get(k) for k in differ]}, now {[now[k] for k in differ]}); use a new run "
-                "name, or switch 'resume' to 'start over' to replace that run")
-    else:
-        atomic_write_json(record, now)
-
-
-def _size(path) -> int:
-    return sum(f.stat().st_size for f in weight_files(path))
 
 
 def shared_base(base: dict, device) -> BaseTensors:

@@ -8,12 +8,14 @@ import shutil
 
 import pytest
 import torch
+from safetensors.torch import save_file
 
 from fluxtrain import cli
 from fluxtrain.flux import Flux
-from fluxtrain.lora import LoRAConfig, adapter_deltas, attach_lora, load_lora_file, lora_deltas
+from fluxtrain.lora import (RUN_ID_KEY, LoRAConfig, LoRAFileError, adapter_deltas, attach_lora,
+                            load_lora_file, lora_deltas)
 from fluxtrain.params import TINY
-from fluxtrain.state import load_latest_state
+from fluxtrain.state import load_latest_state, run_identity
 from fluxtrain.synthetic import write_bfl
 from fluxtrain.train import (TrainConfig, TrainingDiverged, flow_inputs, learning_rate_at, train,
                              velocity_loss)
@@ -155,6 +157,62 @@ def test_checkpoints_keep_the_two_newest_and_a_broken_pointer_is_named(tiny_sd, 
         run_losses(tiny_sd, dataset, run_dir, cpu_config(steps=4, checkpoint_every=1))
 
 
+def test_a_finished_run_asked_for_fewer_steps_refuses_and_keeps_its_lora(tiny_sd, dataset, tmp_path):
+    run_dir, lora = tmp_path / "run", tmp_path / "loras" / "run.safetensors"
+    train(tiny_model(tiny_sd), dataset, cpu_config(steps=6), run_dir, lora_path=lora, log=lambda _: None)
+    written = lora.read_bytes()
+    with pytest.raises(ValueError, match="already trained 6 steps, more than the 3 asked for"):
+        train(tiny_model(tiny_sd), dataset, cpu_config(steps=3), run_dir, lora_path=lora,
+              log=lambda _: None)
+    assert lora.read_bytes() == written and load_latest_state(run_dir).step == 6
+
+    # The same step count again: nothing trains, the LoRA comes back with its true step count.
+    steps = []
+    again = train(tiny_model(tiny_sd), dataset, cpu_config(steps=6), run_dir, lora_path=lora,
+                  on_step=steps.append, log=lambda _: None)
+    assert steps == [] and again.steps_done == 6 and len(again.losses) == 6
+    assert json.loads(load_lora_file(lora)[1]["training"])["steps"] == 6
+    first, now = load_file_tensors(written), load_lora_file(lora)[0]
+    assert first.keys() == now.keys() and all(torch.equal(first[k], now[k]) for k in first)
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step-000006"], \
+        "a finished step was saved again"
+
+
+def load_file_tensors(data: bytes) -> dict:
+    from safetensors.torch import load
+    return load(data)
+
+
+def foreign_lora(path):
+    """A LoRA file no run of ours wrote (a download, another trainer's)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({"lora_unet_txt_in.lora_down.weight": torch.ones(1, 48)}, str(path),
+              metadata={"ss_network_module": "networks.lora_flux"})
+    return path.read_bytes()
+
+
+def test_a_lora_file_the_run_did_not_write_is_kept_unless_overwrite_is_asked(tiny_sd, dataset, tmp_path):
+    lora = tmp_path / "loras" / "precious.safetensors"
+    precious = foreign_lora(lora)
+    steps = []
+    with pytest.raises(LoRAFileError, match="precious.safetensors already exists.*overwrite_lora"):
+        train(tiny_model(tiny_sd), dataset, cpu_config(steps=2), tmp_path / "run", lora_path=lora,
+              on_step=steps.append, log=lambda _: None)
+    assert lora.read_bytes() == precious and steps == [], "refused only after training"
+
+    train(tiny_model(tiny_sd), dataset, cpu_config(steps=2), tmp_path / "run", lora_path=lora,
+          overwrite_lora=True, log=lambda _: None)
+    assert load_lora_file(lora)[1][RUN_ID_KEY] == run_identity(tmp_path / "run")
+    # Its own earlier output: resumed with more steps, the run writes over it without asking.
+    train(tiny_model(tiny_sd), dataset, cpu_config(steps=3), tmp_path / "run", lora_path=lora,
+          log=lambda _: None)
+    assert json.loads(load_lora_file(lora)[1]["training"])["steps"] == 3
+    # Another run's output is not this run's.
+    with pytest.raises(LoRAFileError, match="another training run's output"):
+        train(tiny_model(tiny_sd), dataset, cpu_config(steps=2), tmp_path / "other", lora_path=lora,
+              log=lambda _: None)
+
+
 def test_lora_recovers_a_known_low_rank_delta(tiny_sd, dataset):
     """Target = base + a random rank-4 delta on the attention layers. Trained on the target's
     velocities, a rank-4 LoRA from zero must close >= 90% of the base-target gap on
@@ -273,6 +331,36 @@ def test_cli_trains_from_a_float8_checkpoint_and_resumes(tiny_sd, dataset, tmp_p
     assert cli.main(argv) == 0                          # more steps: resumes at 3
     out = capsys.readouterr().out
     assert "resuming run at step 3/5" in out and "step 4/5" in out and "step 1/5" not in out
+
+
+def test_cli_refuses_to_resume_a_run_on_another_base_as_the_node_does(tiny_sd, dataset, tmp_path, capsys):
+    models = tmp_path / "models"
+    models.mkdir()
+    write_bfl(tiny_sd, models / "flux-dev2pro.safetensors", dtype=torch.bfloat16)
+    write_bfl(tiny_sd, models / "flux1-dev.safetensors", dtype=torch.float32)
+    argv = ["--base", str(models / "flux-dev2pro.safetensors"), "--dataset", str(dataset.folder),
+            "--lora", str(tmp_path / "lora.safetensors"), "--run-dir", str(tmp_path / "run"),
+            "--steps", "2", "--rank", "4", "--compute-dtype", "float32", "--device", "cpu"]
+    assert cli.main(argv) == 0
+    argv[argv.index("--steps") + 1] = "3"
+    argv[1] = str(models / "flux1-dev.safetensors")
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "started on other inputs" in err and "flux-dev2pro.safetensors" in err and "step 3/3" not in err
+
+
+def test_cli_keeps_a_foreign_lora_unless_told_to_overwrite(tiny_sd, dataset, tmp_path, capsys):
+    base = tmp_path / "flux-dev2pro.safetensors"
+    write_bfl(tiny_sd, base, dtype=torch.bfloat16)
+    lora = tmp_path / "precious.safetensors"
+    precious = foreign_lora(lora)
+    argv = ["--base", str(base), "--dataset", str(dataset.folder), "--lora", str(lora),
+            "--run-dir", str(tmp_path / "run"), "--steps", "1", "--rank", "4",
+            "--compute-dtype", "float32", "--device", "cpu"]
+    assert cli.main(argv) == 2
+    assert "--overwrite-lora" in capsys.readouterr().err and lora.read_bytes() == precious
+    assert cli.main(argv + ["--overwrite-lora"]) == 0
+    assert RUN_ID_KEY in load_lora_file(lora)[1]
 
 
 def test_cli_reports_bad_input_without_a_traceback(dataset, tmp_path, capsys):
