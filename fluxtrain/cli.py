@@ -5,13 +5,16 @@
 
 Every TrainConfig field is an option (--learning-rate, --guidance, ...); --config
 reads them from a JSON file first. Re-running the same command resumes the run.
+Ctrl-C or SIGTERM saves a checkpoint before the next step and exits (130 / 143).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
+import threading
 from dataclasses import fields
 from pathlib import Path
 
@@ -87,14 +90,57 @@ def main(argv: list[str] | None = None) -> int:
               f"{r.seconds:.2f}s", flush=True)
 
     try:
-        train(model, dataset, config, args.run_dir, lora_path=args.lora, base_metadata=base,
-              inputs=inputs, overwrite_lora=args.overwrite_lora, on_step=report)
+        with StopOnSignal() as stop:
+            result = train(model, dataset, config, args.run_dir, lora_path=args.lora,
+                           base_metadata=base, inputs=inputs, overwrite_lora=args.overwrite_lora,
+                           on_step=report, should_stop=stop)
     except TrainingDiverged as error:
         print(f"error: {error}", file=sys.stderr)
         return 3
     finally:
         placed.release()
+    if result.cancelled:
+        print(f"stopped by {stop.signal_name} after step {result.steps_done} of {config.steps}; "
+              f"the run is saved in {result.state_path}. Run the same command again to resume.",
+              file=sys.stderr)
+        return 128 + stop.received
     return 0
+
+
+class StopOnSignal:
+    """SIGINT (Ctrl-C) and SIGTERM ask the run to stop before its next step, where the engine
+    saves a checkpoint (its should_stop path); a second signal stops at once, unsaved."""
+
+    SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM") if hasattr(signal, name))
+
+    def __init__(self):
+        self.received = 0
+        self._previous = {}
+
+    def __call__(self) -> bool:
+        return bool(self.received)
+
+    @property
+    def signal_name(self) -> str:
+        return signal.Signals(self.received).name
+
+    def _handle(self, signum, frame):
+        if self.received:           # asked twice: the usual behaviour of that signal
+            signal.signal(signum, self._previous[signum])
+            signal.raise_signal(signum)
+            return
+        self.received = signum
+        print(f"[fluxtrain] {signal.Signals(signum).name}: saving a checkpoint after this step "
+              "(send it again to stop at once without saving)", file=sys.stderr, flush=True)
+
+    def __enter__(self) -> "StopOnSignal":
+        if threading.current_thread() is threading.main_thread():   # handlers live there only
+            self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc):
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
 
 
 def _parse_bool(text: str) -> bool:

@@ -23,7 +23,6 @@ import hashlib
 import json
 import logging
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -33,6 +32,7 @@ from PIL import Image
 
 from .buckets import assign_bucket, latent_size, make_buckets, resize_and_crop
 from .dataset import INDEX_NAME, LATENT_CHANNELS, DatasetError, EncodedDataset, EncodedDatasetWriter
+from .files import remove_leftovers, temp_path
 from .images import image_to_tensor, to_rgb
 
 LATENT_SHIFT = 0.1159
@@ -113,7 +113,9 @@ def encode_dataset(items: list[EncodeItem], *, encode_image: ImageEncoder, encod
         return _tagged(cached, key, reused=True)
 
     cache_root.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{key}.", suffix=".partial", dir=cache_root))
+    remove_leftovers(cache_root, key)       # what an encode of this dataset killed before left
+    work = temp_path(folder)
+    work.mkdir()
     try:
         _encode_into(work, items, buckets, encode_image, encode_text, resolution, flip,
                      encoder_identity, on_progress)

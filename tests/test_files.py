@@ -5,7 +5,8 @@ import os
 
 import pytest
 
-from fluxtrain.files import UnsafePathError, atomic_write_bytes, atomic_write_json, safe_join
+from fluxtrain.files import (NAME_MAX, UnsafePathError, atomic_write_bytes, atomic_write_json,
+                            remove_leftovers, safe_join, temp_path)
 
 
 @pytest.mark.parametrize("name, expected", [
@@ -98,3 +99,26 @@ def test_failed_write_keeps_old_file_and_removes_temp(tmp_path, monkeypatch):
         atomic_write_bytes(target, b"new")
     assert target.read_bytes() == b"old"
     assert os.listdir(tmp_path) == ["f.bin"]
+
+
+def test_a_killed_writes_leftovers_are_removed_when_that_file_is_written_again(tmp_path):
+    target = tmp_path / "lora.safetensors"
+    killed = temp_path(target)              # what kill -9 in the middle of a write leaves
+    killed.write_bytes(b"half")
+    killed_folder = temp_path(tmp_path / "step-000002")
+    killed_folder.mkdir()
+    other = temp_path(tmp_path / "other.safetensors")    # another file's write, maybe running
+    other.write_bytes(b"busy")
+    atomic_write_bytes(target, b"whole")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        ["lora.safetensors", killed_folder.name, other.name])
+    remove_leftovers(tmp_path)              # a folder one writer owns: every name
+    assert os.listdir(tmp_path) == ["lora.safetensors"]
+
+
+def test_temporary_names_fit_the_file_system_for_the_longest_accepted_name(tmp_path):
+    name = "é" * (NAME_MAX // 2 - 6) + ".safetensors"     # two bytes per é: just under NAME_MAX
+    target = safe_join(tmp_path, name)
+    assert len(temp_path(target).name.encode()) <= NAME_MAX
+    atomic_write_bytes(target, b"x")
+    assert target.read_bytes() == b"x"

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
+import signal
 
 import pytest
 import torch
@@ -19,6 +21,7 @@ from fluxtrain.state import load_latest_state, run_identity
 from fluxtrain.synthetic import write_bfl
 from fluxtrain.train import (TrainConfig, TrainingDiverged, flow_inputs, learning_rate_at, train,
                              velocity_loss)
+
 
 
 def tiny_model(tiny_sd) -> Flux:
@@ -361,6 +364,40 @@ def test_cli_keeps_a_foreign_lora_unless_told_to_overwrite(tiny_sd, dataset, tmp
     assert "--overwrite-lora" in capsys.readouterr().err and lora.read_bytes() == precious
     assert cli.main(argv + ["--overwrite-lora"]) == 0
     assert RUN_ID_KEY in load_lora_file(lora)[1]
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_cli_saves_a_checkpoint_on_ctrl_c_or_sigterm_and_resumes(tiny_sd, dataset, tmp_path, signum,
+                                                                 monkeypatch, capsys):
+    """The signal arrives while step 2 reports, as a Ctrl-C in the terminal would."""
+    base = tmp_path / "flux-dev2pro.safetensors"
+    write_bfl(tiny_sd, base, dtype=torch.bfloat16)
+    run_dir = tmp_path / "run"
+    argv = ["--base", str(base), "--dataset", str(dataset.folder), "--lora", str(tmp_path / "l.safetensors"),
+            "--run-dir", str(run_dir), "--rank", "4", "--compute-dtype", "float32", "--device", "cpu",
+            "--checkpoint-every", "0"]
+    real_train = cli.train
+
+    def train_signalled_at_step_2(*args, on_step, **kwargs):
+        def report(r):
+            on_step(r)
+            if r.step == 2:
+                os.kill(os.getpid(), signum)
+        return real_train(*args, on_step=report, **kwargs)
+
+    monkeypatch.setattr(cli, "train", train_signalled_at_step_2)
+    handler = signal.getsignal(signum)
+    assert cli.main(argv + ["--steps", "100000"]) == 128 + signum
+    err = capsys.readouterr().err
+    assert f"stopped by {signal.Signals(signum).name} after step 2 of 100000" in err
+    assert "Run the same command again to resume" in err
+    saved = load_latest_state(run_dir)
+    assert saved.step == 2 and len(saved.losses) == 2
+    assert signal.getsignal(signum) == handler, "the run's handler outlived it"
+
+    monkeypatch.setattr(cli, "train", real_train)
+    assert cli.main(argv + ["--steps", "3"]) == 0
+    assert "resuming run at step 2/3" in capsys.readouterr().out
 
 
 def test_cli_reports_bad_input_without_a_traceback(dataset, tmp_path, capsys):
