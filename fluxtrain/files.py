@@ -161,26 +161,26 @@ def remove_leftovers(folder: str | os.PathLike, name: str | None = None) -> None
 
 
 def atomic_write_with(path: str | os.PathLike, write) -> Path:
-    """Write `path` atomically: `write(tmp)` fills a temp file in the same folder,
-    which is fsynced and renamed over `path` (a crash leaves the old file or none).
-    The parent folder is created if missing, and what earlier killed writes of `path`
-    left there is removed. New files get the usual mode (the umask applies). Returns
-    the path."""
+    """Write `path` atomically: `write(tmp)` fills a file in a fresh temp folder next to
+    `path` (whatever the writer itself puts there stays inside it), which is fsynced and
+    renamed over `path` (a crash leaves the old file or none). The parent folder is
+    created if missing, and what earlier killed writes of `path` left is removed. The
+    file gets the mode of any new file (the umask applies; safetensors would make it
+    0600). Returns the path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_leftovers(path.parent, path.name)
-    tmp = temp_path(path)
+    work = temp_path(path)
+    work.mkdir()
+    tmp = work / "data"
     try:
         write(str(tmp))
+        os.chmod(tmp, work.stat().st_mode & 0o666)   # a new folder's mode is the umask's
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
     fsync_folder(path.parent)
     return path
 

@@ -56,3 +56,26 @@ def _one_cpu_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def umask_027():
+    """A umask under which files are 0640 and folders 0750: not what mkstemp's 0600 gives.
+    Yields check(folder) -> the modes found below folder that differ from those."""
+    import os
+    import stat
+    from pathlib import Path
+
+    def check(folder) -> list[str]:
+        wrong = []
+        for path in [Path(folder), *Path(folder).rglob("*")]:
+            mode = stat.S_IMODE(path.stat().st_mode)
+            if mode != (0o750 if path.is_dir() else 0o640):
+                wrong.append(f"{path.relative_to(folder)}: {oct(mode)}")
+        return wrong
+
+    old = os.umask(0o027)
+    try:
+        yield check
+    finally:
+        os.umask(old)

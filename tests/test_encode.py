@@ -204,3 +204,8 @@ def test_batched_encoder_outputs_are_accepted(tmp_path):
     ds, _, _ = run(tmp_path, [items()[0]],
                    text=lambda c: tuple(t.unsqueeze(0) for t in text(c)))
     assert ds[0]["t5"].ndim == 2 and ds[0]["clip"].ndim == 1
+
+
+def test_dataset_files_and_folders_follow_the_umask(tmp_path, umask_027):
+    ds, _, _ = run(tmp_path)
+    assert umask_027(tmp_path / "cache") == []

@@ -122,3 +122,14 @@ def test_temporary_names_fit_the_file_system_for_the_longest_accepted_name(tmp_p
     assert len(temp_path(target).name.encode()) <= NAME_MAX
     atomic_write_bytes(target, b"x")
     assert target.read_bytes() == b"x"
+
+
+def test_written_files_follow_the_umask(tmp_path, umask_027):
+    from fluxtrain.files import atomic_write_safetensors
+    import torch
+    out = tmp_path / "out"
+    out.mkdir()
+    atomic_write_bytes(out / "sub" / "a.bin", b"a")
+    atomic_write_json(out / "b.json", {"b": 1})
+    atomic_write_safetensors({"w": torch.zeros(2)}, out / "c.safetensors")
+    assert umask_027(out) == []

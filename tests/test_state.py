@@ -146,3 +146,12 @@ def test_latest_points_at_a_complete_checkpoint_whatever_operation_a_crash_inter
     assert k > 10, f"only {k - 1} operations were interrupted: the simulation does not reach the save"
     assert_loads(run_dir, new_step, 2)
     assert len(list((run_dir / "checkpoints").iterdir())) == 2
+
+
+def test_run_files_follow_the_umask(tmp_path, umask_027):
+    run_dir = tmp_path / "runs" / "a.run"
+    run_dir.parent.mkdir()
+    run_identity(run_dir)
+    save_state(run_dir, make_state(2))
+    save_state(run_dir, make_state(2))
+    assert umask_027(run_dir.parent) == []
