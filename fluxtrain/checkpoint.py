@@ -27,7 +27,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from .files import atomic_write_json
-from .params import CheckpointError, FluxParams, expected_shapes
+from .params import CheckpointError, FluxParams, count_blocks, expected_shapes, listed
 
 # Prefixes under which all-in-one checkpoints (and some exports) store the transformer.
 TRANSFORMER_PREFIXES = ("model.diffusion_model.", "diffusion_model.")
@@ -113,16 +113,11 @@ def _swap_halves(t: torch.Tensor) -> torch.Tensor:
     return torch.cat([b, a], dim=0)
 
 
-def _block_count(keys, prefix: str) -> int:
-    idx = {int(k[len(prefix):].split(".", 1)[0]) for k in keys if k.startswith(prefix)}
-    return max(idx) + 1 if idx else 0
-
-
 def bfl_to_diffusers(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """BFL keys -> diffusers keys (split fused projections, swap the final adaLN halves)."""
     hidden = sd["img_in.weight"].shape[0]
-    key_map = diffusers_key_map(_block_count(sd, "double_blocks."),
-                                _block_count(sd, "single_blocks."),
+    key_map = diffusers_key_map(count_blocks(sd, "double_blocks."),
+                                count_blocks(sd, "single_blocks."),
                                 "guidance_in.in_layer.weight" in sd)
     out, used = {}, set()
     for bfl, parts in key_map:
@@ -138,7 +133,7 @@ def bfl_to_diffusers(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         out.update((p, x.contiguous()) for p, x in zip(parts, pieces))
     extra = sorted(set(sd) - used)
     if extra:
-        raise CheckpointError(f"{len(extra)} BFL keys have no diffusers name, e.g. {extra[:3]}; "
+        raise CheckpointError(f"{len(extra)} BFL keys have no diffusers name: {listed(extra, 3)}; "
                               "expected only keys of a Flux transformer (see expected_shapes)")
     return out
 
@@ -147,8 +142,12 @@ def _diffusers_sources(keys, where: str) -> dict[str, tuple[str, ...]]:
     """{BFL key: the diffusers keys concatenated (dim 0) into it} for the keys of a
     diffusers transformer; raises for incomplete fused groups and foreign keys."""
     keys = set(keys)
-    key_map = diffusers_key_map(_block_count(keys, "transformer_blocks."),
-                                _block_count(keys, "single_transformer_blocks."),
+    try:
+        blocks = (count_blocks(keys, "transformer_blocks."),
+                  count_blocks(keys, "single_transformer_blocks."))
+    except CheckpointError as e:
+        raise CheckpointError(f"{where}: {e}") from e
+    key_map = diffusers_key_map(*blocks,
                                 "time_text_embed.guidance_embedder.linear_1.weight" in keys)
     out, used = {}, set()
     for bfl, parts in key_map:
@@ -165,7 +164,7 @@ def _diffusers_sources(keys, where: str) -> dict[str, tuple[str, ...]]:
     extra = sorted(keys - used)
     if extra:
         raise CheckpointError(
-            f"{where}: {len(extra)} tensors have no place in a Flux transformer, e.g. {extra[:3]}. "
+            f"{where}: {len(extra)} tensors have no place in a Flux transformer: {listed(extra, 3)}. "
             "Expected a FLUX.1 diffusers transformer (x_embedder, transformer_blocks.N, "
             "single_transformer_blocks.N, ...); check that this is the Flux model folder.")
     return out
@@ -367,7 +366,7 @@ def _bfl_sources(keys, where: str):
             sources[name] = (k,)
     orphans = sorted(layer for layer in scales if f"{layer}.weight" not in sources)
     if orphans:
-        raise CheckpointError(f"{where}: scale_weight for layers {orphans[:3]} that have no "
+        raise CheckpointError(f"{where}: scale_weight for layers {listed(orphans, 3)} that have no "
                               "weight; the file is damaged or not a Flux transformer.")
     return sources, scales, scaled or bool(scales)
 
@@ -390,7 +389,7 @@ def _check_keys(shapes: Mapping[str, tuple[int, ...]], params: FluxParams, where
     if missing or extra or wrong:
         raise CheckpointError(
             f"{where} does not match the Flux shapes inferred from it ({params}): "
-            f"missing {missing[:5]}, unexpected {extra[:5]}, wrong shapes {wrong[:5]}. "
+            f"missing {listed(missing)}, unexpected {listed(extra)}, wrong shapes {listed(wrong)}. "
             "The file is incomplete or a Flux variant this trainer does not support.")
 
 
@@ -434,8 +433,8 @@ def _identify(shapes, name: str, where: str, require_guidance: bool):
     if require_guidance and is_schnell:
         raise CheckpointError(
             f"{name} has no guidance_in layers: it is a schnell-type model that takes no "
-            "guidance input, but guidance training was requested. Use FLUX.1-dev or "
-            "Flux-Dev2Pro, or train without a guidance value.")
+            "guidance input, and this trainer trains only models that do (the guidance input "
+            "is what Dev2Pro training feeds 1.0). Pick FLUX.1-dev or Flux-Dev2Pro as the base.")
     variant = ("dev2pro" if "dev2pro" in name.lower() else "schnell" if is_schnell else "dev")
     return params, is_schnell, variant
 

@@ -23,8 +23,6 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from .files import UnsafePathError, safe_join
-
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif"})
 CAPTION_EXTENSION = ".txt"
 _REPEATS_FOLDER = re.compile(r"^(\d+)_(.*)$")
@@ -129,8 +127,8 @@ def scan_image_folder(root: str | Path, trigger_word: str = "", default_repeats:
     """Images and captions of a kohya-style folder (see the module doc), sorted by path.
 
     Only `root` and its direct sub-folders are read. A missing or empty caption falls
-    back to the trigger word, else the folder's name part, and is reported. Files
-    and folders whose links lead outside `root` are refused and reported."""
+    back to the trigger word, else the folder's name part, and is reported. Links in
+    the folder are followed: the user placed them (a workflow names only `root`)."""
     root = Path(root)
     if not root.is_dir():
         raise ImageError(f"image folder {str(root)!r} does not exist or is not a folder; "
@@ -142,8 +140,6 @@ def scan_image_folder(root: str | Path, trigger_word: str = "", default_repeats:
     folders = [(root, int(default_repeats), _folder_name(root.name)[1])]
     for entry in sorted(root.iterdir()):
         if entry.name.startswith(".") or not entry.is_dir():
-            continue
-        if not _inside(root, entry.name, scan):
             continue
         repeats, name_part = _folder_name(entry.name)
         if repeats == 0:
@@ -162,8 +158,6 @@ def scan_image_folder(root: str | Path, trigger_word: str = "", default_repeats:
                 if path.is_dir() and folder != root:
                     scan.problems.append(f"{relative}/: nested folders are not read; "
                                          "move its images up one level")
-                continue
-            if not _inside(root, relative, scan):
                 continue
             try:
                 load_image(path)
@@ -193,22 +187,11 @@ def _folder_name(name: str) -> tuple[int | None, str]:
     return (int(match.group(1)), match.group(2)) if match else (None, name)
 
 
-def _inside(root: Path, relative: str, scan: FolderScan) -> bool:
-    try:
-        safe_join(root, relative, what="image path")
-        return True
-    except UnsafePathError:
-        scan.problems.append(f"{relative}: a link leading outside {str(root)!r}, refused")
-        return False
-
-
 def _read_caption(root: Path, image_path: Path, scan: FolderScan) -> str | None:
     path = image_path.with_suffix(CAPTION_EXTENSION)
     if not path.is_file():
         return None
     relative = path.relative_to(root).as_posix()
-    if not _inside(root, relative, scan):
-        return None
     try:
         text = path.read_text("utf-8-sig")
     except UnicodeDecodeError:

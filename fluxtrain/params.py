@@ -16,6 +16,15 @@ class CheckpointError(ValueError):
     what was expected, and what to do."""
 
 
+def listed(items, limit: int = 5, width: int = 120) -> str:
+    """A few items of a possibly huge collection for a message, then 'and N more': a file
+    with a million foreign keys must not make a million-key error."""
+    items = list(items)
+    shown = [repr(x) if len(repr(x)) <= width else repr(x)[:width] + "...'" for x in items[:limit]]
+    more = f" and {len(items) - limit} more" if len(items) > limit else ""
+    return "[" + ", ".join(shown) + "]" + more
+
+
 @dataclass(frozen=True)
 class FluxParams:
     in_channels: int = 64
@@ -65,15 +74,15 @@ class FluxParams:
         if missing:
             raise CheckpointError(
                 f"this is not a Flux transformer: keys {missing} are missing "
-                f"(found {len(shapes)} tensors, e.g. {sorted(shapes)[:3]}). Expected a FLUX.1 "
+                f"(found {len(shapes)} tensors: {listed(sorted(shapes), 3)}). Expected a FLUX.1 "
                 "transformer in the original layout (img_in, txt_in, double_blocks.N..., "
                 "single_blocks.N...) or a diffusers 'transformer' folder.")
         hidden, in_ch = shapes["img_in.weight"]
         head_dim = _head_dim(shapes)
         if hidden % head_dim:
             raise CheckpointError(f"hidden size {hidden} is not a multiple of head dim {head_dim}")
-        depth = _count_blocks(shapes, "double_blocks.")
-        single = _count_blocks(shapes, "single_blocks.")
+        depth = count_blocks(shapes, "double_blocks.")
+        single = count_blocks(shapes, "single_blocks.")
         mlp_key = "double_blocks.0.img_mlp.0.weight"
         if mlp_key in shapes:
             mlp_ratio = shapes[mlp_key][0] / hidden
@@ -120,12 +129,26 @@ def _head_dim(shapes) -> int:
                           "the file has no transformer blocks or is not a Flux model")
 
 
-def _count_blocks(shapes, prefix: str) -> int:
-    indices = {int(k[len(prefix):].split(".", 1)[0]) for k in shapes if k.startswith(prefix)}
-    if indices and indices != set(range(len(indices))):
-        missing = sorted(set(range(max(indices) + 1)) - indices)
-        raise CheckpointError(f"{prefix}N blocks are not numbered 0..{max(indices)}: "
-                              f"blocks {missing} are missing (truncated or partial file?)")
+def count_blocks(keys, prefix: str) -> int:
+    """How many `<prefix>N.` blocks the keys hold, numbered 0..count-1; a CheckpointError
+    naming the key for a block number that is not a number, and the gap for a missing one."""
+    indices = set()
+    for key in keys:
+        if key.startswith(prefix):
+            number = key[len(prefix):].split(".", 1)[0]
+            if not (number.isascii() and number.isdigit()):
+                raise CheckpointError(f"tensor {listed([key], width=200)[1:-1]} has block number "
+                                      f"{listed([number])[1:-1]}, not a whole number: the file is "
+                                      "damaged or not a Flux transformer")
+            indices.add(int(number))
+    last = max(indices, default=-1)
+    if last + 1 != len(indices):
+        gaps = (i for i in range(last + 1) if i not in indices)
+        first_gaps = [next(gaps) for _ in range(min(5, last + 1 - len(indices)))]
+        more = last + 1 - len(indices) - len(first_gaps)
+        raise CheckpointError(f"{prefix}N blocks are not numbered 0..{last}: blocks {first_gaps}"
+                              f"{f' and {more} more' if more else ''} are missing (truncated or "
+                              "partial file?)")
     return len(indices)
 
 

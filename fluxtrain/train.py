@@ -102,6 +102,7 @@ class TrainConfig:
                 raise ValueError(f"{f.name} {value!r} is not one of {', '.join(meta['choices'])}")
             if "min" in meta and not meta["min"] <= value <= meta["max"]:
                 raise ValueError(f"{f.name} must be between {meta['min']} and {meta['max']}, got {value}")
+        self.lora_config()      # a targets value that names no layer set fails here, not later
 
     def lora_config(self) -> LoRAConfig:
         return LoRAConfig(rank=self.rank, alpha=self.alpha, dropout=self.dropout, targets=self.targets)

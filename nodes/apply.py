@@ -12,7 +12,8 @@ import folder_paths
 from comfy_api.latest import io
 
 from ..fluxtrain.files import safe_join
-from .common import CATEGORY, RunType, loras_root
+from .common import CATEGORY
+from .handles import RunHandle, RunType, require
 
 FROM_RUN = "(from run input)"
 
@@ -50,13 +51,16 @@ class Dev2ProApplyLoRA(io.ComfyNode):
             if run is None:
                 raise ValueError("lora_name is '(from run input)' but no run is connected: connect a "
                                  "Train node's 'run' output, or pick a LoRA file from the list")
-            lora_name = run["lora"]
+            lora_name = require(run, RunHandle, "run").lora
         if strength == 0:
             return io.NodeOutput(model)
-        path = safe_join(loras_root(), lora_name, what="LoRA name")
-        if not path.is_file():
-            raise FileNotFoundError(f"LoRA {lora_name!r} is not in {loras_root()}; train it first or "
-                                    "pick a file from the list")
+        # Every loras folder LoraLoaderModelOnly lists; links placed there are followed.
+        roots = folder_paths.get_folder_paths("loras")
+        path = next((p for p in (safe_join(root, lora_name, what="LoRA name", follow_links=True)
+                                 for root in roots) if p.is_file()), None)
+        if path is None:
+            raise FileNotFoundError(f"LoRA {lora_name!r} is not in {', '.join(roots)}; train it "
+                                    "first or pick a file from the list")
         lora = comfy.utils.load_torch_file(str(path), safe_load=True)
         patched, _ = comfy.sd.load_lora_for_models(model, None, lora, strength, 0)
         return io.NodeOutput(patched)

@@ -20,7 +20,8 @@ from comfy_api.latest import io
 from ..fluxtrain.checkpoint import DIFFUSERS_INDEX, DIFFUSERS_SINGLE, describe_checkpoint
 from ..fluxtrain.files import UnsafePathError, safe_join
 from ..fluxtrain.params import CheckpointError
-from .common import CATEGORY, BaseType
+from .common import CATEGORY
+from .handles import BaseHandle, BaseType
 
 CHECKPOINTS_TAG = "[checkpoints] "   # a file from models/checkpoints (all-in-one files)
 DIFFUSERS_TAG = " [diffusers]"       # a diffusers model folder under models/diffusion_models
@@ -63,7 +64,10 @@ def resolve_base(choice: str) -> Path:
     elif choice.endswith(DIFFUSERS_TAG):
         name = choice[: -len(DIFFUSERS_TAG)]
     for root in folder_paths.get_folder_paths(folder):
-        path = safe_join(root, name, what="model name")
+        # Links placed in a model folder are followed, as ComfyUI's loaders do; the name
+        # itself may not climb out of the folder.
+        path = safe_join(root, name, what="model name", example="flux-dev2pro-fp8.safetensors",
+                         follow_links=True)
         if path.exists():
             return path
     raise CheckpointError(f"{name!r} is not in ComfyUI's {folder} folders "
@@ -71,7 +75,7 @@ def resolve_base(choice: str) -> Path:
                           "there and refresh (press R), then pick it from the list")
 
 
-def describe(path: Path, variant: str = "auto") -> dict:
+def describe(path: Path, variant: str = "auto") -> BaseHandle:
     """The handle: where the base is and what it is, from the file headers alone."""
     info = describe_checkpoint(path, require_guidance=True)
     return _handle(info, variant, f"{info.format} {_dtype(info)}", path=str(path))
@@ -81,18 +85,15 @@ def _dtype(info) -> str:
     return str(info.dtype).replace("torch.", "")
 
 
-def _handle(info, variant: str, storage: str, **extra) -> dict:
+def _handle(info, variant: str, storage: str, **extra) -> BaseHandle:
     """The fields every base handle carries, whatever the base came from."""
     p = info.params
-    handle = {
-        "name": info.name, "format": info.format, "dtype": _dtype(info),
-        "variant": info.variant if variant == "auto" else variant,
-        "blocks": f"{p.depth}+{p.depth_single_blocks}", "hidden_size": p.hidden_size,
-        "guidance_embed": p.guidance_embed, **extra,
-    }
-    handle["summary"] = (f"{info.name}: {handle['variant']}, {storage}, "
-                         f"{handle['blocks']} blocks of {p.hidden_size}")
-    return handle
+    variant = info.variant if variant == "auto" else variant
+    blocks = f"{p.depth}+{p.depth_single_blocks}"
+    return BaseHandle(name=info.name, format=info.format, dtype=_dtype(info), variant=variant,
+                      blocks=blocks, hidden_size=p.hidden_size, guidance_embed=p.guidance_embed,
+                      summary=f"{info.name}: {variant}, {storage}, {blocks} blocks of {p.hidden_size}",
+                      **extra)
 
 
 class Dev2ProLoadTrainingBase(io.ComfyNode):
@@ -132,8 +133,8 @@ class Dev2ProLoadTrainingBase(io.ComfyNode):
     @classmethod
     def execute(cls, base_name, variant) -> io.NodeOutput:
         handle = describe(resolve_base(base_name), variant)
-        print(f"[dev2pro] training base {handle['summary']}", flush=True)
-        return io.NodeOutput(handle, handle["summary"], ui={"text": [handle["summary"]]})
+        print(f"[dev2pro] training base {handle.summary}", flush=True)
+        return io.NodeOutput(handle, handle.summary, ui={"text": [handle.summary]})
 
 
 # ---------------------------------------------------------------- a MODEL as the base
@@ -178,7 +179,7 @@ def model_source_file(prompt, node_id) -> str | None:
     return name if isinstance(name, str) else None
 
 
-def describe_model(model, variant: str = "auto", file_name: str | None = None) -> dict:
+def describe_model(model, variant: str = "auto", file_name: str | None = None) -> BaseHandle:
     """The handle of a MODEL base: the ModelPatcher itself (a reference; no tensor is
     copied) plus the same description fields as a file handle."""
     from ..fluxtrain.checkpoint import describe_state_dict
@@ -221,5 +222,5 @@ class Dev2ProBaseFromModel(io.ComfyNode):
     def execute(cls, model, variant) -> io.NodeOutput:
         file_name = model_source_file(cls.hidden.prompt, cls.hidden.unique_id)
         handle = describe_model(model, variant, file_name)
-        print(f"[dev2pro] training base {handle['summary']}", flush=True)
-        return io.NodeOutput(handle, handle["summary"], ui={"text": [handle["summary"]]})
+        print(f"[dev2pro] training base {handle.summary}", flush=True)
+        return io.NodeOutput(handle, handle.summary, ui={"text": [handle.summary]})

@@ -1,10 +1,12 @@
-"""What every node of the pack shares: socket types, ComfyUI's folders behind
-path checks, and the recipe metadata a saved file carries.
+"""What every node of the pack shares: ComfyUI's folders behind path checks, and the
+recipe metadata a saved file carries (the handles between nodes: nodes.handles).
 
 Names typed in a node (a LoRA name, a run name, a dataset folder) come from
 shared workflow JSON and are untrusted: every one goes through
 `fluxtrain.files.safe_join` against the ComfyUI folder it names a file in, so
-`..`, absolute paths and links that leave the folder are refused.
+`..` and absolute paths are refused; a name written to may not lead through a link
+out of its folder, while links the user placed in the model and input folders are
+followed for reading, as ComfyUI does.
 """
 
 from __future__ import annotations
@@ -13,18 +15,12 @@ import json
 from pathlib import Path
 
 import folder_paths
-from comfy_api.latest import io
 
 from ..fluxtrain import state
-from ..fluxtrain.files import safe_join
+from ..fluxtrain.files import inside_roots, safe_join
+from .handles import BaseHandle, DatasetHandle, ImageFile, RunHandle
 
 CATEGORY = "training/dev2pro"
-
-# Light handles passed between the pack's nodes: paths, names and numbers, never weights.
-BaseType = io.Custom("DEV2PRO_BASE")        # a training base on disk + what it is
-ImagesType = io.Custom("DEV2PRO_IMAGES")    # images (or their files) + captions + repeats, not encoded
-DatasetType = io.Custom("DEV2PRO_DATASET")  # an encoded dataset folder + summary
-RunType = io.Custom("DEV2PRO_RUN")          # what a training run produced (LoRA file, base, guidance, losses)
 
 LORA_SUFFIX = ".safetensors"
 RUNS_FOLDER = "dev2pro/runs"          # under ComfyUI's output folder
@@ -79,8 +75,32 @@ def datasets_root() -> Path:
 
 
 def input_folder(name: str) -> Path:
-    """A folder under ComfyUI's input folder (for image datasets)."""
-    return safe_join(input_root(), str(name).strip(), what="image folder")
+    """A folder under ComfyUI's input folder (for image datasets); links placed there are
+    followed for reading, as ComfyUI's LoadImage does."""
+    return safe_join(input_root(), str(name).strip(), what="image folder",
+                     example="training/my_subject", follow_links=True)
+
+
+def model_roots() -> list[str]:
+    """Every folder a training base may come from (unet is an alias of diffusion_models)."""
+    return [*folder_paths.get_folder_paths("diffusion_models"),
+            *folder_paths.get_folder_paths("checkpoints")]
+
+
+# Paths carried by handles, checked again where they are used (nodes.handles says why).
+def base_path(base: BaseHandle) -> Path | None:
+    """The base's file or folder (None for a MODEL without one), inside the model folders."""
+    if base.path is None:
+        return None
+    return inside_roots(base.path, model_roots(), what="training base", follow_links=True)
+
+
+def dataset_path(dataset: DatasetHandle) -> Path:
+    return inside_roots(dataset.path, [datasets_root()], what="encoded dataset", follow_links=False)
+
+
+def image_path(image: ImageFile) -> Path:
+    return inside_roots(image.path, [input_root()], what="training image", follow_links=True)
 
 
 def forget_lora_list() -> None:
@@ -104,8 +124,8 @@ def recipe_metadata(prompt, extra_pnginfo) -> dict[str, str]:
     return meta
 
 
-def run_label(run: dict | None, fallback: str) -> str:
+def run_label(run: RunHandle | None, fallback: str) -> str:
     """'dev2pro LoRA (trained at guidance 1.0)' for a run, else the fallback text."""
-    if not run:
+    if run is None:
         return fallback
-    return f"{run['variant']} LoRA (trained at guidance {run['guidance']:g})"
+    return f"{run.variant} LoRA (trained at guidance {run.guidance:g})"

@@ -13,7 +13,8 @@ from comfy_api.latest import io, ui
 
 from ..fluxtrain.images import image_to_tensor, tensor_to_image
 from ..fluxtrain.plots import comparison_grid, loss_chart
-from .common import CATEGORY, RunType, run_label
+from .common import CATEGORY, run_label
+from .handles import RunHandle, RunType, require
 
 
 def _save_temp(images, prefix: str, cls) -> list[dict]:
@@ -21,7 +22,7 @@ def _save_temp(images, prefix: str, cls) -> list[dict]:
     return [dict(r) for r in ui.ImageSaveHelper.save_images(images, prefix, io.FolderType.temp, cls)]
 
 
-def _describe(run: dict | None, label: str, fallback: str) -> str:
+def _describe(run: RunHandle | None, label: str, fallback: str) -> str:
     return label.strip() or run_label(run, fallback)
 
 
@@ -62,6 +63,8 @@ class Dev2ProCompareGrid(io.ComfyNode):
         if images_a.shape[0] != images_b.shape[0]:
             raise ValueError(f"A has {images_a.shape[0]} images and B has {images_b.shape[0]}: sample "
                              "both with the same prompts and batch size so rows pair up")
+        require(run_a, RunHandle, "run_a", optional=True)
+        require(run_b, RunHandle, "run_b", optional=True)
         rows = images_a.shape[0]
         lines = [line.strip() for line in prompts.splitlines() if line.strip()] or [""]
         row_prompts = lines if len(lines) == rows else [lines[0]] * rows
@@ -108,14 +111,16 @@ class Dev2ProLossChart(io.ComfyNode):
 
     @classmethod
     def execute(cls, run_a, smoothing, run_b=None) -> io.NodeOutput:
+        require(run_a, RunHandle, "run_a")
+        require(run_b, RunHandle, "run_b", optional=True)
         curves = {}
         for run in (run_a, run_b):
             if run is not None:
-                curves[f"{run['name']}: {run_label(run, '')}"] = list(run["losses"])
+                curves[f"{run.name}: {run_label(run, '')}"] = list(run.losses)
         chart = image_to_tensor(loss_chart(curves, smoothing=smoothing, title="Training loss"))
         ui_out = ui.PreviewImage(chart, cls=cls).as_dict()
-        ui_out["dev2pro_losses"] = [{"run": r["name"], "losses": r["losses"], "base": r["base"],
-                                     "variant": r["variant"], "guidance": r["guidance"]}
+        ui_out["dev2pro_losses"] = [{"run": r.name, "losses": list(r.losses), "base": r.base,
+                                     "variant": r.variant, "guidance": r.guidance}
                                     for r in (run_a, run_b) if r is not None]
         return io.NodeOutput(chart, ui=ui_out)
 

@@ -16,7 +16,8 @@ from comfy_api.latest import io
 from ..fluxtrain.encode import EncodeItem, encode_dataset
 from ..fluxtrain.images import load_image, scan_image_folder, tensor_to_image, with_trigger
 from ..fluxtrain.files import UnsafePathError
-from .common import CATEGORY, DatasetType, ImagesType, datasets_root, input_folder, input_root
+from .common import CATEGORY, datasets_root, image_path, input_folder, input_root
+from .handles import DatasetHandle, DatasetType, ImageFile, ImagesHandle, ImagesType, require
 
 
 def _caption_inputs(repeats_name: str, repeats_tip: str) -> list:
@@ -49,7 +50,10 @@ class Dev2ProImagesFromFolder(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, folder, **_):
+    def validate_inputs(cls, folder):
+        # Only `folder`: ComfyUI skips its own range checks for every input named here.
+        if folder is None:      # linked: checked when the node runs
+            return True
         try:
             input_folder(folder)
         except UnsafePathError as e:
@@ -75,10 +79,9 @@ class Dev2ProImagesFromFolder(io.ComfyNode):
         if scan.problems:
             report += f"; {len(scan.problems)} problem(s):\n" + "\n".join(scan.problems)
         print(f"[dev2pro] {report}", flush=True)
-        handle = {"kind": "folder", "source": folder, "problems": list(scan.problems),
-                  "items": [{"path": str(i.path), "caption": i.caption, "repeats": i.repeats,
-                             "source": i.path.relative_to(input_root()).as_posix()}
-                            for i in scan.items]}
+        handle = ImagesHandle(problems=tuple(scan.problems), files=tuple(
+            ImageFile(str(i.path), i.caption, i.repeats, i.path.relative_to(input_root()).as_posix())
+            for i in scan.items))
         return io.NodeOutput(handle, report, ui={"text": [report]})
 
 
@@ -114,17 +117,16 @@ class Dev2ProImagesFromBatch(io.ComfyNode):
                  for i in range(count)]
         if not any(texts):
             raise ValueError("every caption is empty: write captions or a trigger word")
-        handle = {"kind": "batch", "images": images.detach().cpu(), "captions": texts,
-                  "repeats": int(repeats)}
+        handle = ImagesHandle(batch=images.detach().cpu(), captions=tuple(texts), repeats=int(repeats))
         return io.NodeOutput(handle)
 
 
-def _items(images: dict) -> list[EncodeItem]:
-    if images["kind"] == "folder":
-        return [EncodeItem(load_image(i["path"]), i["caption"], i["repeats"], i["source"])
-                for i in images["items"]]
-    return [EncodeItem(tensor_to_image(images["images"][n]), caption, images["repeats"], f"image {n}")
-            for n, caption in enumerate(images["captions"])]
+def _items(images: ImagesHandle) -> list[EncodeItem]:
+    if images.batch is None:
+        return [EncodeItem(load_image(image_path(f)), f.caption, f.repeats, f.source)
+                for f in images.files]
+    return [EncodeItem(tensor_to_image(images.batch[n]), caption, images.repeats, f"image {n}")
+            for n, caption in enumerate(images.captions)]
 
 
 def weights_identity(module, samples: int = 64) -> str:
@@ -172,7 +174,7 @@ class Dev2ProEncodeDataset(io.ComfyNode):
     def execute(cls, images, vae, clip, resolution, flip) -> io.NodeOutput:
         import comfy.utils
 
-        items = _items(images)
+        items = _items(require(images, ImagesHandle, "images"))
         identity = {"vae": weights_identity(vae.first_stage_model),
                     "text": weights_identity(clip.cond_stage_model)}
         pbar = comfy.utils.ProgressBar(len(items) * (2 if flip else 1))
@@ -192,15 +194,15 @@ class Dev2ProEncodeDataset(io.ComfyNode):
         buckets = dataset.bucket_counts()
         report = (f"{len(dataset)} samples in buckets {buckets}, "
                   f"{'reused the cache' if reused else 'encoded'} {dataset.folder.name}")
-        problems = images.get("problems") or []
-        if problems:
-            report += f"\n{len(problems)} problem(s) while reading images:\n" + "\n".join(problems)
+        if images.problems:
+            report += (f"\n{len(images.problems)} problem(s) while reading images:\n"
+                       + "\n".join(images.problems))
         print(f"[dev2pro] dataset: {report}", flush=True)
-        handle = {"path": str(dataset.folder), "key": dataset.cache_key,
-                  "reused": reused, "samples": len(dataset), "buckets": buckets,
-                  "resolution": resolution, "summary": report}
+        handle = DatasetHandle(path=str(dataset.folder), key=dataset.cache_key, reused=reused,
+                               samples=len(dataset), buckets=buckets, resolution=resolution,
+                               summary=report)
         return io.NodeOutput(handle, report, ui={"text": [report], "dev2pro_dataset": [
-            {"key": handle["key"], "reused": reused, "samples": len(dataset)}]})
+            {"key": handle.key, "reused": reused, "samples": len(dataset)}]})
 
 
 DATA_NODES = [Dev2ProImagesFromFolder, Dev2ProImagesFromBatch, Dev2ProEncodeDataset]

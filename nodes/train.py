@@ -24,8 +24,10 @@ from ..fluxtrain.dataset import EncodedDataset
 from ..fluxtrain.lora import check_lora_replaceable, load_lora_file
 from ..fluxtrain.state import adopt_old_layout, run_identity, start_over
 from ..fluxtrain.train import TrainConfig, prepare_run, run_inputs, train
-from .common import (CATEGORY, BaseType, DatasetType, RunType, base_hashes_file, clean_name,
-                     forget_lora_list, lora_file, recipe_metadata, run_folder, runs_root)
+from .common import (CATEGORY, base_hashes_file, base_path, clean_name, dataset_path, forget_lora_list,
+                     lora_file, recipe_metadata, run_folder, runs_root)
+from .handles import (BaseHandle, BaseType, DatasetHandle, DatasetType, RunHandle, RunType,
+                      require)
 
 # Inputs of the node that are not TrainConfig fields.
 NODE_INPUTS = ("base", "dataset", "name", "resume", "overwrite_lora")
@@ -115,9 +117,12 @@ class Dev2ProTrainLoRA(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, name, **_):
+    def validate_inputs(cls, name):
+        # Only `name`: ComfyUI skips its own range checks for every input named here.
         from ..fluxtrain.files import UnsafePathError
 
+        if name is None:        # linked: checked when the node runs
+            return True
         try:
             lora_file(name)
             run_folder(name)
@@ -131,6 +136,8 @@ class Dev2ProTrainLoRA(io.ComfyNode):
         import comfy.utils
         from server import PromptServer
 
+        require(base, BaseHandle, "base")
+        require(dataset, DatasetHandle, "dataset")
         config = TrainConfig.from_dict(settings)
         name = clean_name(name)
         lora_path, lora_name = lora_file(name)
@@ -139,16 +146,16 @@ class Dev2ProTrainLoRA(io.ComfyNode):
         if not resume:     # refused for a foreign LoRA before anything is deleted
             check_lora_replaceable(lora_path, run_identity(run_dir, create=False), overwrite_lora)
             start_over(run_dir)
-        data = EncodedDataset.open(dataset["path"])
-        size = checkpoint_size(base["path"]) if base.get("path") else base.get("size", 0)
-        inputs = run_inputs(base["name"], size, data)
+        data = EncodedDataset.open(dataset_path(dataset))
+        base_file = base_path(base)                # None for a MODEL without a known file
+        size = checkpoint_size(base_file) if base_file else base.size
+        inputs = run_inputs(base.name, size, data)
         prepare_run(run_dir, config, inputs=inputs, lora_path=lora_path, overwrite_lora=overwrite_lora)
 
         node_id = cls.hidden.unique_id
-        base_hash = (content_hash(base["path"], base_hashes_file())    # "" for a MODEL
-                     if base.get("path") else "")
-        metadata = {"name": base["name"], "hash": base_hash,
-                    "variant": base["variant"], "dataset": dataset["key"],
+        base_hash = content_hash(base_file, base_hashes_file()) if base_file else ""
+        metadata = {"name": base.name, "hash": base_hash,
+                    "variant": base.variant, "dataset": dataset.key,
                     **recipe_metadata(cls.hidden.prompt, cls.hidden.extra_pnginfo)}
 
         mm.unload_all_models()          # make room: ComfyUI's own models leave the GPU
@@ -181,12 +188,11 @@ class Dev2ProTrainLoRA(io.ComfyNode):
         try:
             # ComfyUI runs nodes under inference_mode; training needs autograd back.
             with torch.inference_mode(False), torch.enable_grad():
-                source = (shared_base(base, device) if base.get("model") is not None
-                          else base["path"])
+                source = shared_base(base, device) if base.model is not None else base_file
                 placed = load_base_for_training(source, config, data, device,
                                                 log=lambda line: print(line, flush=True))
                 del source         # the references to ComfyUI's tensors live in the model only
-                print(f"[dev2pro] training {name} on {base['summary']}, {len(data)} samples, "
+                print(f"[dev2pro] training {name} on {base.summary}, {len(data)} samples, "
                       f"guidance {config.guidance:g}, {config.steps} steps", flush=True)
                 result = train(placed.model, data, config, run_dir, lora_path=lora_path,
                                base_metadata=metadata, inputs=inputs, overwrite_lora=overwrite_lora,
@@ -205,19 +211,18 @@ class Dev2ProTrainLoRA(io.ComfyNode):
             raise mm.InterruptProcessingException()
 
         forget_lora_list()
-        run = {"name": name, "lora": lora_name, "base": base["name"], "variant": base["variant"],
-               "guidance": config.guidance, "settings": config.to_dict(),
-               "losses": list(result.losses), "steps": result.steps_done,
-               "dataset": dataset["key"]}
+        run = RunHandle(name=name, lora=lora_name, base=base.name, variant=base.variant,
+                        guidance=config.guidance, settings=config.to_dict(),
+                        losses=tuple(result.losses), steps=result.steps_done, dataset=dataset.key)
         lora = load_lora_file(lora_path)[0]
-        ui = {"dev2pro_losses": [{"run": name, "losses": run["losses"], "base": base["name"],
-                                  "variant": base["variant"], "guidance": config.guidance}],
+        ui = {"dev2pro_losses": [{"run": name, "losses": list(run.losses), "base": base.name,
+                                  "variant": base.variant, "guidance": config.guidance}],
               "text": [f"{lora_name}: {result.steps_done} steps, final loss "
                        f"{result.losses[-1] if result.losses else float('nan'):.4f}"]}
-        return io.NodeOutput(lora, run, {"loss": run["losses"]}, lora_name, ui=ui)
+        return io.NodeOutput(lora, run, {"loss": list(run.losses)}, lora_name, ui=ui)
 
 
-def shared_base(base: dict, device) -> BaseTensors:
+def shared_base(base: BaseHandle, device) -> BaseTensors:
     """The weights of a MODEL handle (Dev2ProBaseFromModel) as a BaseTensors that shares
     ComfyUI's tensors. ComfyUI's model is never modified: our Flux's FrozenLinear modules
     (and the LoRA adapters on them) merely reference the same weight tensors.
@@ -232,7 +237,7 @@ def shared_base(base: dict, device) -> BaseTensors:
 
     from .base import model_tensors
 
-    patcher = base["model"]
+    patcher = base.model
     mm.load_models_gpu([patcher], force_full_load=True)
     sd, scales, copied = {}, {}, []
     for key, t in model_tensors(patcher).items():
@@ -245,9 +250,9 @@ def shared_base(base: dict, device) -> BaseTensors:
             copied.append(key)
         sd[key] = t
     if copied:
-        print(f"[dev2pro] {len(copied)} quantised weights of {base['name']} were dequantised "
+        print(f"[dev2pro] {len(copied)} quantised weights of {base.name} were dequantised "
               f"(copied) for training, e.g. {copied[:3]}", flush=True)
-    return BaseTensors(base["name"], sd, scales)
+    return BaseTensors(base.name, sd, scales)
 
 
 def _per_tensor_fp8(t):

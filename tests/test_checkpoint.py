@@ -368,10 +368,40 @@ def test_schnell_is_refused_when_guidance_is_required(read, tmp_path):
     write_bfl(random_state_dict(schnell), path, torch.bfloat16)
     _, info = read(path)
     assert info.is_schnell and info.variant == "schnell" and info.params == schnell
-    with pytest.raises(CheckpointError, match="no guidance_in.*schnell.*Dev2Pro"):
+    with pytest.raises(CheckpointError, match="no guidance_in.*schnell.*Dev2Pro") as refused:
         read(path, require_guidance=True)
+    assert "without a guidance" not in str(refused.value), "no setting trains without one"
     with pytest.raises(CheckpointError, match="schnell"):
         load_flux(path, require_guidance=True)
+
+
+@pytest.mark.parametrize("layout", ["bfl", "diffusers"])
+def test_a_file_claiming_a_huge_block_number_gets_a_short_error(tmp_path, tiny_sd, layout):
+    """2 MB of keys claiming block 99999999: the error lists a few and says how many more
+    (it was a 989 MB message, from a list of every missing block)."""
+    sd = dict(tiny_sd) if layout == "bfl" else bfl_to_diffusers(tiny_sd)
+    block = "double_blocks" if layout == "bfl" else "transformer_blocks"
+    sd.update({f"{block}.99999999.img_mod.lin.x{i:04d}" + "_" * 400: torch.zeros(1) for i in range(5000)})
+    path = tmp_path / "m.safetensors"
+    if layout == "diffusers":
+        path = tmp_path / "folder"
+        path.mkdir()
+    save_file(sd, str(path / "diffusion_pytorch_model.safetensors" if path.is_dir() else path))
+    with pytest.raises(CheckpointError, match=r"blocks \[2, 3, 4, 5, 6\] and 99999992 more are "
+                                              "missing") as refused:
+        describe_checkpoint(path)
+    assert len(str(refused.value)) < 1500, len(str(refused.value))
+
+
+@pytest.mark.parametrize("key", ["double_blocks.x.img_mod.lin.weight",
+                                 "single_blocks.1e3.linear1.weight"])
+def test_a_block_number_that_is_not_a_number_names_the_file_and_key(tmp_path, tiny_sd, key):
+    path = tmp_path / "odd.safetensors"
+    write_bfl({**tiny_sd, key: torch.zeros(2, 2)}, path)
+    with pytest.raises(CheckpointError) as refused:
+        describe_checkpoint(path)
+    message = str(refused.value)
+    assert "odd.safetensors" in message and key in message and "not a whole number" in message
 
 
 def _with_wrong_dtype(data: bytes) -> bytes:

@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from fluxtrain.files import (NAME_MAX, UnsafePathError, atomic_write_bytes, atomic_write_json,
+from fluxtrain.files import (NAME_MAX, UnsafePathError, atomic_write_bytes, atomic_write_json, inside_roots,
                             remove_leftovers, safe_join, temp_path)
 
 
@@ -133,3 +133,46 @@ def test_written_files_follow_the_umask(tmp_path, umask_027):
     atomic_write_json(out / "b.json", {"b": 1})
     atomic_write_safetensors({"w": torch.zeros(2)}, out / "c.safetensors")
     assert umask_027(out) == []
+
+
+@pytest.mark.parametrize("name, message", [
+    ("a/" * 2000 + "x.safetensors", "2000 folders deep; at most 32"),
+    ("x" * 300, "a part of 300 bytes"),
+    ("ok/" + "é" * 130 + ".safetensors", "a part of 272 bytes"),
+])
+def test_names_the_file_system_cannot_hold_are_refused_clearly(tmp_path, name, message):
+    """Not a RecursionError or a raw OSError after the training, and not a 4 kB message."""
+    with pytest.raises(UnsafePathError, match=message) as refused:
+        safe_join(tmp_path, name, what="LoRA name")
+    assert len(str(refused.value)) < 600
+    assert "such as 'my_lora/run1.safetensors'" in str(refused.value)
+
+
+def test_the_example_in_a_refusal_fits_what_is_named(tmp_path):
+    with pytest.raises(UnsafePathError, match="such as 'flux1-dev.safetensors'"):
+        safe_join(tmp_path, "../x", what="model name", example="flux1-dev.safetensors")
+
+
+def test_reading_follows_links_the_user_placed_but_names_still_cannot_climb_out(tmp_path):
+    root, elsewhere = tmp_path / "models", tmp_path / "big_disk"
+    root.mkdir(), elsewhere.mkdir()
+    (elsewhere / "flux.safetensors").write_bytes(b"x")
+    (root / "flux.safetensors").symlink_to(elsewhere / "flux.safetensors")
+    (root / "more").symlink_to(elsewhere, target_is_directory=True)
+    assert safe_join(root, "flux.safetensors", follow_links=True).read_bytes() == b"x"
+    assert safe_join(root, "more/flux.safetensors", follow_links=True).read_bytes() == b"x"
+    for name in ("../big_disk/flux.safetensors", str(elsewhere / "flux.safetensors")):
+        with pytest.raises(UnsafePathError):
+            safe_join(root, name, follow_links=True)
+    with pytest.raises(UnsafePathError, match="symlink"):     # a write never follows a link out
+        safe_join(root, "more/new.safetensors")
+
+
+def test_paths_carried_between_nodes_are_checked_again_where_they_are_used(tmp_path):
+    root = tmp_path / "input"
+    (root / "a").mkdir(parents=True)
+    assert inside_roots(root / "a" / "x.png", [tmp_path / "other", root], what="image",
+                        follow_links=True) == root / "a" / "x.png"
+    for path in (tmp_path / "secret.png", root / "a" / ".." / ".." / "secret.png"):
+        with pytest.raises(UnsafePathError):
+            inside_roots(path, [root], what="image", follow_links=True)

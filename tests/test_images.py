@@ -151,17 +151,20 @@ def test_folder_without_repeat_prefix_is_used_and_reported(tmp_path):
     assert any("0_never/" in p for p in scan.problems)
 
 
-def test_links_leaving_the_folder_are_refused(tmp_path):
-    outside = tmp_path / "outside"
-    save(outside / "secret.png")
+def test_links_the_user_placed_in_the_folder_are_followed(tmp_path):
+    """ComfyUI's own LoadImage follows them: keeping images on another disk is the usual reason.
+    (A workflow names only the folder, and safe_join keeps that name inside ComfyUI's input.)"""
+    elsewhere = tmp_path / "other_disk"
+    save(elsewhere / "far.png")
+    (elsewhere / "far.txt").write_text("a far dog")
     root = tmp_path / "root"
     save(root / "1_ok" / "a.png")
-    os.symlink(outside / "secret.png", root / "1_ok" / "leak.png")
-    os.symlink(outside, root / "5_leakdir")
+    os.symlink(elsewhere / "far.png", root / "1_ok" / "linked.png")
+    os.symlink(elsewhere, root / "5_linked_dir")
     scan = scan_image_folder(root)
-    assert [i.path.name for i in scan.items] == ["a.png"]
-    assert any("leak.png" in p and "outside" in p for p in scan.problems)
-    assert any("5_leakdir" in p and "outside" in p for p in scan.problems)
+    assert sorted((i.path.relative_to(root).as_posix(), i.repeats) for i in scan.items) == [
+        ("1_ok/a.png", 1), ("1_ok/linked.png", 1), ("5_linked_dir/far.png", 5)]
+    assert [i.caption for i in scan.items if i.path.name == "far.png"] == ["a far dog"]
 
 
 def test_no_usable_image_is_an_error_listing_the_problems(tmp_path):

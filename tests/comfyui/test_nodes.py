@@ -5,7 +5,6 @@ untrusted names and folders that cannot leave ComfyUI's folders."""
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import fields
 from pathlib import Path
 
@@ -94,13 +93,11 @@ def test_train_refuses_output_names_that_leave_the_loras_folder(comfy_server, co
     assert not (comfy_server.models_dir / "escape.safetensors").exists()
 
 
-@pytest.mark.parametrize("folder", ["../", "../../etc", "/etc", "outside_link"])
+@pytest.mark.parametrize("folder", ["../", "../../etc", "/etc", "a/" * 40 + "x"])
 def test_image_folder_refuses_paths_outside_the_input_folder(comfy_server, comfy_models, object_info,
-                                                             folder, tmp_path):
-    link = comfy_server.input_dir / "outside_link"
-    if not link.is_symlink():
-        os.symlink(tmp_path, link, target_is_directory=True)
+                                                             folder):
+    # A link the user placed in input/ is followed instead (test_safety).
     with pytest.raises(ComfyError) as refused:
         comfy_server.queue(_train_prompt(object_info, comfy_models, folder=folder))
     message = str(refused.value)
-    assert "leaves the folder" in message and "image folder" in message, message
+    assert ("leaves the folder" in message or "folders deep" in message) and "image folder" in message, message
