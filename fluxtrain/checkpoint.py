@@ -2,8 +2,8 @@
 
 Formats: a single .safetensors in the original (BFL) layout in any float dtype
 including float8, with or without an all-in-one prefix; ComfyUI's scaled fp8
-(`<layer>.scale_weight` + a `scaled_fp8` marker); and a diffusers folder
-(`transformer/` with sharded safetensors and an index). Tensors are read one by
+(`<layer>.scale_weight` + a `scaled_fp8` marker); and the diffusers layout, as a
+folder (`transformer/` with sharded safetensors and an index) or as one file. Tensors are read one by
 one from memory-mapped files and keep their stored dtype: a float8 model stays
 float8 in memory, and no bf16 copy of the whole model is ever built. Where the
 weights must end up in a buffer of their own (offloading's page-locked host
@@ -36,6 +36,7 @@ SCALE_WEIGHT = ".scale_weight"
 SCALE_INPUT = ".scale_input"  # fp8 activation scale of some scaled files; unused for training
 DIFFUSERS_INDEX = "diffusion_pytorch_model.safetensors.index.json"
 DIFFUSERS_SINGLE = "diffusion_pytorch_model.safetensors"
+DIFFUSERS_MARKER = "x_embedder.weight"   # a key only the diffusers layout has
 _FLOAT8 = (torch.float8_e4m3fn, torch.float8_e5m2)
 
 
@@ -399,7 +400,7 @@ def _layout(path: str | os.PathLike, require_guidance: bool) -> _Layout:
     files = weight_files(path)
     p = Path(path)
     metas = _read_headers(files)
-    if p.is_dir():
+    if p.is_dir() or DIFFUSERS_MARKER in metas:   # a folder, or one file in diffusers names
         sources, scales, fmt = _diffusers_sources(metas, str(path)), {}, "diffusers"
     else:
         sources, scales, scaled = _bfl_sources(metas, str(path))

@@ -16,6 +16,7 @@ from fluxtrain.checkpoint import (CheckpointError, bfl_to_diffusers, content_has
                                   describe_checkpoint, diffusers_to_bfl, load_flux,
                                   load_state_dict)
 from fluxtrain.flux import pack_latents, text_ids
+from fluxtrain.files import atomic_write_safetensors
 from fluxtrain.fp8 import quantize
 from fluxtrain.params import TINY, expected_shapes
 from fluxtrain.synthetic import random_state_dict, write_bfl, write_diffusers, write_scaled_fp8
@@ -49,6 +50,16 @@ def single_file(writer, *args):
     return write
 
 
+def diffusers_file(dtype):
+    """write(sd, folder) -> path: the transformer in diffusers key names as one .safetensors,
+    as some re-uploads ship it (ComfyUI's UNETLoader reads it)."""
+    def write(sd, folder):
+        path = folder / "flux-dev-diffusers.safetensors"
+        atomic_write_safetensors({k: v.to(dtype) for k, v in bfl_to_diffusers(sd).items()}, path)
+        return path
+    return write
+
+
 def same_values(dtype):
     return lambda sd: (cast_all(sd, dtype), {})
 
@@ -68,6 +79,8 @@ FORMATS = [
     ("diffusers-fp16-sharded",
      lambda sd, d: write_diffusers(sd, d / "model", torch.float16, SMALL_SHARDS),
      same_values(torch.float16), "diffusers", torch.float16),
+    ("diffusers-bf16-single-file", diffusers_file(torch.bfloat16),
+     same_values(torch.bfloat16), "diffusers", torch.bfloat16),
     ("diffusers-bf16-parent-folder",
      lambda sd, d: write_diffusers(sd, d / "model", torch.bfloat16).parent,
      same_values(torch.bfloat16), "diffusers", torch.bfloat16),
