@@ -406,6 +406,18 @@ def test_a_file_claiming_a_huge_block_number_gets_a_short_error(tmp_path, tiny_s
     assert len(str(refused.value)) < 1500, len(str(refused.value))
 
 
+def test_the_cli_reports_a_huge_key_list_in_a_few_lines(tmp_path, tiny_sd, make_dataset, capsys):
+    from fluxtrain import cli
+    path = tmp_path / "claims.safetensors"
+    save_file({**tiny_sd, **{f"double_blocks.99999999.x{i:04d}" + "_" * 400: torch.zeros(1)
+                             for i in range(5000)}}, str(path))
+    dataset = make_dataset(tmp_path / "data")
+    assert cli.main(["--base", str(path), "--dataset", str(dataset.folder), "--lora",
+                     str(tmp_path / "l.safetensors"), "--run-dir", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert "claims.safetensors" in err and "99999992 more are missing" in err and len(err) < 1500
+
+
 @pytest.mark.parametrize("key", ["double_blocks.x.img_mod.lin.weight",
                                  "single_blocks.1e3.linear1.weight"])
 def test_a_block_number_that_is_not_a_number_names_the_file_and_key(tmp_path, tiny_sd, key):

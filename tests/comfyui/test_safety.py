@@ -148,6 +148,39 @@ def test_a_refused_name_is_reported_once(server, comfy_models):
     assert len(message) < 4000
 
 
+@pytest.mark.parametrize("name, why", [("a/" * 2000 + "x", "folders deep"), ("x" * 300, "bytes")],
+                         ids=["2000 levels", "300 characters"])
+def test_a_name_no_file_system_can_hold_is_refused_at_queue_time(server, comfy_models, name, why):
+    """Not a RecursionError or a raw OSError once the training is done."""
+    with pytest.raises(ComfyError) as refused:
+        server.queue(graph(server, comfy_models, train={"name": name}))
+    message = str(refused.value)
+    assert why in message and "LoRA name" in message and len(message) < 4000, message[:2000]
+
+
+# ---------------------------------------------------------------- item 8: bounded errors
+
+def test_a_file_claiming_a_huge_block_number_gives_a_short_error(server, comfy_models):
+    """It was a 16.9 MB error in /history and over the websocket."""
+    from fluxtrain.params import TINY
+    from fluxtrain.synthetic import random_state_dict
+
+    claims = server.model_path("diffusion_models", "claims-99999999-blocks.safetensors")
+    save_file({**random_state_dict(TINY),
+               **{f"double_blocks.99999999.x{i:04d}" + "_" * 400: torch.zeros(1) for i in range(5000)}},
+              str(claims))
+    try:
+        prompt_id = server.queue({"base": {"class_type": "Dev2ProLoadTrainingBase",
+                                           "inputs": {"base_name": claims.name, "variant": "auto"}},
+                                  "show": show(["base", 1])})
+        with pytest.raises(ComfyError) as refused:
+            server.wait(prompt_id, timeout=TIMEOUT)
+        assert "99999992 more are missing" in str(refused.value)
+        assert len(json.dumps(server.history(prompt_id))) < 20_000, "the error in /history is not bounded"
+    finally:
+        claims.unlink()
+
+
 # ---------------------------------------------------------------- item 10: links the user placed
 
 def test_a_model_file_linked_into_diffusion_models_is_a_training_base(server, comfy_models, model_cache):
