@@ -149,14 +149,17 @@ def largest_layer_bytes(p: FluxParams, weight_bytes: float = 1.0) -> float:
 def estimate(p: FluxParams, img_tokens: int, txt_tokens: int, batch: int = 1, rank: int = 16,
              checkpoint_double: int | None = None, checkpoint_single: int | None = None,
              resident_bytes: float | None = None, weight_bytes: float = 1.0,
-             fp8_compute: bool = False, compiled: bool = False) -> dict:
+             fp8_compute: bool = False, compiled: bool = False, adapter=None) -> dict:
     """Predicted peak device bytes, by part: `total` what torch will have allocated
     (plus weights an aimdo VBAR holds, which torch does not count), `budget_total`
     that with allocator slack and workspace, as checked against free VRAM.
     Checkpoint counts default to all blocks; resident_bytes None = every weight
-    resident (no offload)."""
+    resident (no offload). `adapter` (fluxtrain.adapters.adapter_cost) replaces the rank-`rank`
+    LoRA on every block Linear by what another adapter trains and keeps for backward."""
     tokens = img_tokens + txt_tokens
     double_units, single_units = activation_units(compiled, fp8_compute, tokens)
+    extra_double, extra_single = (0.0, 0.0) if adapter is None else adapter.extra_units
+    double_units, single_units = double_units + extra_double, single_units + extra_single
     cd = p.depth if checkpoint_double is None else checkpoint_double
     cs = p.depth_single_blocks if checkpoint_single is None else checkpoint_single
     row = p.hidden_size * 2 * batch            # one token of hidden state, bf16
@@ -169,11 +172,11 @@ def estimate(p: FluxParams, img_tokens: int, txt_tokens: int, batch: int = 1, ra
     else:
         weights = min(all_weights, resident_bytes)
         streaming = max(wd, ws) + OFFLOAD_PREFETCH_BYTES   # the staged block + prefetched
-    lora = lora_params(p, rank) * 16.0
+    lora = (lora_params(p, rank) if adapter is None else adapter.parameters) * 16.0
     saved = row * tokens * (cd * 1 + cs * 1
                             + (p.depth - cd) * double_units
                             + (p.depth_single_blocks - cs) * single_units)
-    transient = row * tokens * TRANSIENT_UNITS if cd + cs > 0 else 0.0
+    transient = row * tokens * (TRANSIENT_UNITS + max(extra_double, extra_single)) if cd + cs > 0 else 0.0
     # The bf16 cast of the largest weight (the float8 path: its transposed copy).
     cast = largest * (1 if fp8_compute else 2 / weight_bytes)
     total = weights + streaming + lora + saved + transient + cast
@@ -185,12 +188,13 @@ def estimate(p: FluxParams, img_tokens: int, txt_tokens: int, batch: int = 1, ra
 
 def plan(free_bytes: int, p: FluxParams, img_tokens: int, txt_tokens: int = 512, batch: int = 1,
          rank: int = 16, fp8_compute: bool = False, offload_available: bool = True,
-         weight_bytes: float = 1.0, headroom: float = HEADROOM, compiled: bool = False) -> Plan:
+         weight_bytes: float = 1.0, headroom: float = HEADROOM, compiled: bool = False,
+         adapter=None) -> Plan:
     """The fastest configuration whose predicted peak fits `free_bytes` (less `headroom`,
     a share kept free for other allocations of the process)."""
     budget = int(free_bytes * (1 - headroom))
     kw = dict(img_tokens=img_tokens, txt_tokens=txt_tokens, batch=batch, rank=rank,
-              weight_bytes=weight_bytes, fp8_compute=fp8_compute, compiled=compiled)
+              weight_bytes=weight_bytes, fp8_compute=fp8_compute, compiled=compiled, adapter=adapter)
 
     # 1. Everything resident: un-checkpoint as many blocks as fit, single blocks first
     #    (cheapest per block), then double blocks.

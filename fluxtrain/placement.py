@@ -20,6 +20,7 @@ from typing import Callable, Mapping
 import torch
 
 from . import fp8, memory, offload
+from .adapters import AdapterCost, adapter_cost
 from .checkpoint import (CheckpointInfo, describe_checkpoint, describe_state_dict,
                          flux_from_state_dict, load_flux, stored_bytes)
 from .flux import Flux
@@ -71,7 +72,8 @@ def room_for_transposed_weights(free_bytes: int | None, estimate: dict,
 
 def choose_plan(mode: str, params, free_bytes: int | None, *, img_tokens: int, txt_tokens: int,
                 batch: int, rank: int, fp8_compute: bool, compiled: bool,
-                weight_bytes: float, offload_available: bool = True) -> memory.Plan | None:
+                weight_bytes: float, offload_available: bool = True,
+                adapter: AdapterCost | None = None) -> memory.Plan | None:
     """The memory plan for `mode`. Forced modes and a device without a free-memory
     figure (CPU) return a plan-less answer: None, and the caller applies the mode."""
     if mode not in MEMORY_MODES:
@@ -80,10 +82,11 @@ def choose_plan(mode: str, params, free_bytes: int | None, *, img_tokens: int, t
         return None
     p = memory.plan(free_bytes, params, img_tokens, txt_tokens, batch, rank,
                     fp8_compute=fp8_compute, compiled=compiled, weight_bytes=weight_bytes,
-                    offload_available=offload_available)
+                    offload_available=offload_available, adapter=adapter)
     if mode == "offload" and not p.offload:        # offload asked for although it would fit
         e = memory.estimate(params, img_tokens, txt_tokens, batch, rank, resident_bytes=0,
-                            weight_bytes=weight_bytes, fp8_compute=fp8_compute, compiled=compiled)
+                            weight_bytes=weight_bytes, fp8_compute=fp8_compute, compiled=compiled,
+                            adapter=adapter)
         p = memory.Plan(params.depth, params.depth_single_blocks, True, 0, int(e["total"]),
                         p.budget, e)
     return p
@@ -106,6 +109,7 @@ def load_base_for_training(source, config, dataset, device,
                     if _on(t, device))
     weight_bytes = torch.empty((), dtype=info.dtype).element_size()
     tokens = largest_image_tokens(dataset)
+    adapter = adapter_cost(config.adapter_config(), params)
     if shared and config.memory == "offload":
         raise SharedOffloadError(_no_shared_offload(source.name, "memory 'offload' was chosen"))
     try:
@@ -113,7 +117,7 @@ def load_base_for_training(source, config, dataset, device,
                            txt_tokens=dataset.text_length, batch=config.batch_size,
                            rank=config.rank, fp8_compute=config.fp8_compute,
                            compiled=config.compile_blocks, weight_bytes=weight_bytes,
-                           offload_available=not shared)
+                           offload_available=not shared, adapter=adapter)
     except memory.MemoryPlanError as e:
         if not shared:
             raise
@@ -155,7 +159,8 @@ def load_base_for_training(source, config, dataset, device,
         keep = not offloading and room_for_transposed_weights(free, memory.estimate(
             params, tokens, dataset.text_length, config.batch_size, config.rank,
             checkpoint_double=model.checkpointed_double, checkpoint_single=model.checkpointed_single,
-            weight_bytes=weight_bytes, fp8_compute=True, compiled=config.compile_blocks))
+            weight_bytes=weight_bytes, fp8_compute=True, compiled=config.compile_blocks,
+            adapter=adapter))
         layers = fp8.enable_fp8_compute(model, device, keep_transposed=keep)
         description += (f", float8 matmuls in {layers} layers" + (" (transposed weights kept)" if keep else "")
                         if layers else ", float8 compute unavailable here")
