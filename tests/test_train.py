@@ -1,7 +1,9 @@
-"""The training loop: guidance fed 1.0, exact resume, LoRA recovery, errors, the CLI."""
+"""The training loop: guidance fed 1.0, exact resume and recovery of a planted change for
+every adapter, errors, the CLI."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import shutil
@@ -11,7 +13,8 @@ import torch
 
 from fluxtrain import cli
 from fluxtrain.flux import Flux
-from fluxtrain.lora import LoRAConfig, adapter_deltas, attach_lora, load_lora_file, lora_deltas
+from fluxtrain.adapters import AdapterConfig, adapter_delta, adapter_state_dict, attach_adapters
+from fluxtrain.lora import adapter_deltas, load_lora_file, lora_deltas
 from fluxtrain.params import TINY
 from fluxtrain.synthetic import write_bfl
 from fluxtrain.train import (TrainConfig, TrainingDiverged, flow_inputs, learning_rate_at, train,
@@ -62,13 +65,20 @@ def run_losses(tiny_sd, dataset, run_dir, config, stop_after=None):
     result = train(model, dataset, config, run_dir, on_step=lambda r: done.append(r.loss),
                    should_stop=should_stop, log=lambda _: None)
     adapters = {name: m.lora for name, m in model.named_modules() if getattr(m, "lora", None) is not None}
-    return result, adapter_deltas(adapters)
+    return result, adapter_state_dict(adapters)
 
 
-def test_resumed_run_equals_uninterrupted_run_bitwise(tiny_sd, dataset, tmp_path):
+ADAPTERS = [dict(adapter="lora"), dict(adapter="lokr", lokr_factor=4),
+            dict(adapter="lokr", lokr_factor=-1, lokr_full_matrix=False), dict(adapter="loha"),
+            dict(adapter="dora")]
+ADAPTER_IDS = ["lora", "lokr", "lokr-low-rank", "loha", "dora"]
+
+
+@pytest.mark.parametrize("adapter", ADAPTERS, ids=ADAPTER_IDS)
+def test_resumed_run_equals_uninterrupted_run_bitwise(tiny_sd, dataset, tmp_path, adapter):
     # Dropout, caption dropout and accumulation all draw random numbers: each must resume exactly.
     config = cpu_config(steps=7, dropout=0.1, caption_dropout=0.3, grad_accum=2,
-                        lr_schedule="cosine", warmup_steps=2)
+                        lr_schedule="cosine", warmup_steps=2, **adapter)
     straight, straight_deltas = run_losses(tiny_sd, dataset, tmp_path / "straight", config)
 
     first, _ = run_losses(tiny_sd, dataset, tmp_path / "resumed", config, stop_after=3)
@@ -115,21 +125,36 @@ def test_checkpoints_keep_the_two_newest_and_a_broken_pointer_is_named(tiny_sd, 
         run_losses(tiny_sd, dataset, run_dir, cpu_config(steps=4, checkpoint_every=1))
 
 
-def test_lora_recovers_a_known_low_rank_delta(tiny_sd, dataset):
-    """Target = base + a random rank-4 delta on the attention layers. Trained on the target's
-    velocities, a rank-4 LoRA from zero must close >= 90% of the base-target gap on
-    held-out noise and timesteps."""
-    rank = 4
-    lora_config = LoRAConfig(rank=rank, alpha=rank, targets="attention")
-    base, target = tiny_model(tiny_sd), tiny_model(tiny_sd)
+def plant(target, kind: str, rank: int) -> AdapterConfig:
+    """A known random change of the attention layers of `target`, about the weights' own
+    scale, of the structure the adapter `kind` learns: low rank (LoRA, and DoRA, whose
+    LoRA part can represent it exactly with m = the new column norms), Kronecker (LoKr),
+    Hadamard of two low-rank pairs (LoHa). Returns the student's config."""
+    student = AdapterConfig(rank=rank, alpha=rank, targets="attention", lokr_factor=4,
+                            adapter=kind)
     g = torch.Generator().manual_seed(11)
-    for name, adapter in attach_lora(target, lora_config, seed=5).items():
-        with torch.no_grad():   # a known random low-rank delta, about the weight's own scale
+    planted = attach_adapters(target, dataclasses.replace(
+        student, adapter="lora" if kind == "dora" else kind), seed=5)
+    with torch.no_grad():
+        for name, adapter in planted.items():
             weight = target.get_submodule(name).weight
-            adapter.up.copy_(torch.randn(adapter.up.shape, generator=g)
-                             * weight.std() * weight.shape[1] ** 0.5 / rank ** 0.5)
+            for p in adapter.parameters():
+                p.copy_(torch.randn(p.shape, generator=g))
+            wanted = weight.std() / 3 ** 0.5      # what a kaiming-scaled LoRA of up ~ N(0, 1) gives
+            first = next(adapter.parameters())
+            first.mul_(wanted / adapter_delta(adapter, weight).std())
     target.requires_grad_(False)
-    config = cpu_config(steps=800, learning_rate=1e-2, lr_schedule="cosine", timestep_sampling="uniform")
+    return student
+
+
+@pytest.mark.parametrize("kind, steps", [("lora", 800), ("lokr", 400), ("loha", 400), ("dora", 800)])
+def test_adapter_recovers_a_planted_change(tiny_sd, dataset, kind, steps):
+    """Target = base + a random change of the adapter's own structure on the attention
+    layers. Trained on the target's velocities, the adapter from its initial (no-op) state
+    must close >= 90% of the base-target gap on held-out noise and timesteps."""
+    base, target = tiny_model(tiny_sd), tiny_model(tiny_sd)
+    student = plant(target, kind, rank=4)
+    config = cpu_config(steps=steps, learning_rate=1e-2, lr_schedule="cosine", timestep_sampling="uniform")
     buckets = [[dataset[i] for i in range(len(dataset)) if dataset.samples[i].bucket == b]
                for b in sorted({s.bucket for s in dataset.samples})]
 
@@ -147,7 +172,7 @@ def test_lora_recovers_a_known_low_rank_delta(tiny_sd, dataset):
         with torch.no_grad():
             return sum(velocity_loss(model(**x), y, config).item() for x, y in batches(999, 16))
 
-    adapters = attach_lora(base, lora_config, seed=0)
+    adapters = attach_adapters(base, student, seed=0)
     before = gap(base)
     params = [p for a in adapters.values() for p in a.parameters()]
     optimizer = torch.optim.AdamW(params, lr=config.learning_rate)
@@ -213,8 +238,8 @@ def test_bad_settings_are_named(bad, message):
 
 
 def test_adafactor_trains(tiny_sd, dataset, tmp_path):
-    result, deltas = run_losses(tiny_sd, dataset, tmp_path / "run", cpu_config(steps=3, optimizer="adafactor"))
-    assert any(d.abs().sum() > 0 for d in deltas.values())
+    result, state = run_losses(tiny_sd, dataset, tmp_path / "run", cpu_config(steps=3, optimizer="adafactor"))
+    assert any(t.abs().sum() > 0 for k, t in state.items() if k.endswith("lora_up.weight"))
 
 
 def test_cli_trains_from_a_float8_checkpoint_and_resumes(tiny_sd, dataset, tmp_path, capsys):
