@@ -228,6 +228,12 @@ class LoHaAdapter(_LyCORISAdapter):
     def saved_per_token(in_features: int, out_features: int, config: AdapterConfig) -> int:
         return config.rank ** 2
 
+    @staticmethod
+    def saved_per_layer(in_features: int, out_features: int, config: AdapterConfig) -> int:
+        """The Khatri-Rao factors [out, rank^2] and [rank^2, in], kept for backward (in the
+        compute dtype) whatever the token count."""
+        return config.rank ** 2 * (in_features + out_features)
+
 
 class DoRAAdapter(_LyCORISAdapter):
     """A LoRA (down, up, alpha / rank) plus a magnitude per input column.
@@ -435,17 +441,34 @@ def network_args(config: AdapterConfig) -> dict:
 @dataclass(frozen=True)
 class AdapterCost:
     """What fluxtrain.memory.estimate counts for an adapter other than LoRA: trained
-    parameters (float32 weight, gradient and two AdamW states each) and the activations
-    per token it keeps beyond a LoRA's, in hidden-state rows per (double, single) block."""
+    parameters (float32 weight, gradient and two AdamW states each), the activations per
+    token it keeps beyond a LoRA's, in hidden-state rows per (double, single) block, and
+    the elements per (double, single) block it keeps whatever the token count."""
     parameters: int
     extra_units: tuple[float, float]
+    extra_block_elements: tuple[float, float] = (0.0, 0.0)
 
 
 def adapter_cost(config: AdapterConfig, p: FluxParams) -> AdapterCost | None:
     """None for LoRA: the planner's own model of it (measured with LoRA on every Linear)."""
     if config.adapter == "lora":
         return None
-    return AdapterCost(adapter_parameters(config, p), extra_saved_units(config, p))
+    return AdapterCost(adapter_parameters(config, p), extra_saved_units(config, p),
+                       saved_per_block(config, p))
+
+
+def saved_per_block(config: AdapterConfig, p: FluxParams) -> tuple[float, float]:
+    """(double, single): elements one block of each kind keeps for backward whatever the
+    token count (LoHa's Khatri-Rao factors), averaged over the blocks of each kind."""
+    per_layer = getattr(ADAPTERS[config.adapter], "saved_per_layer", None)
+    if per_layer is None:
+        return 0.0, 0.0
+    total = {"double_blocks": 0, "single_blocks": 0}
+    for name, i, o in _targeted_shapes(config, p):
+        kind = name.split(".", 1)[0]
+        if kind in total:
+            total[kind] += per_layer(i, o, config)
+    return total["double_blocks"] / max(1, p.depth), total["single_blocks"] / max(1, p.depth_single_blocks)
 
 
 def _targeted_shapes(config: AdapterConfig, p: FluxParams) -> list[tuple[str, int, int]]:

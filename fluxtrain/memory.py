@@ -176,6 +176,9 @@ def estimate(p: FluxParams, img_tokens: int, txt_tokens: int, batch: int = 1, ra
     saved = row * tokens * (cd * 1 + cs * 1
                             + (p.depth - cd) * double_units
                             + (p.depth_single_blocks - cs) * single_units)
+    if adapter is not None:        # what the adapter keeps per block whatever the tokens, bf16
+        fixed_double, fixed_single = adapter.extra_block_elements
+        saved += 2 * ((p.depth - cd) * fixed_double + (p.depth_single_blocks - cs) * fixed_single)
     transient = row * tokens * (TRANSIENT_UNITS + max(extra_double, extra_single)) if cd + cs > 0 else 0.0
     # The bf16 cast of the largest weight (the float8 path: its transposed copy).
     cast = largest * (1 if fp8_compute else 2 / weight_bytes)

@@ -146,20 +146,20 @@ def plant(target, kind: str, rank: int) -> AdapterConfig:
     return student
 
 
-# LoHa's Hadamard product has to learn to hold a low-rank change in one of its pairs;
-# rank 8 (LoRA rank 16's parameters) finds it in the same steps.
-STEPS = {}
-PLANTED_RANK = {}
+# LoHa's Hadamard product has to learn to hold a low-rank change in one of its pairs (the
+# other turning constant): it gets there, in 3x LoRA's steps (89% closed after 1600).
+STEPS = {"loha": 2400}
 
 
-@pytest.mark.parametrize("kind, student_rank", [("lora", 4), ("lokr", 4), ("loha", 8), ("dora", 4)])
-def test_adapter_recovers_a_planted_change(tiny_sd, dataset, kind, student_rank):
-    """Target = base + a random change of the adapter's own structure on the attention
-    layers. Trained on the target's velocities, the adapter from its initial (no-op) state
+@pytest.mark.parametrize("kind", ["lora", "lokr", "loha", "dora"])
+def test_adapter_recovers_a_planted_change(tiny_sd, dataset, kind):
+    """Target = base + a random low-rank (LoKr: Kronecker) change of the attention
+    layers (`plant`). Trained on the target's velocities, the adapter from its initial (no-op) state
     must close >= 90% of the base-target gap on held-out noise and timesteps."""
     base, target = tiny_model(tiny_sd), tiny_model(tiny_sd)
     student = plant(target, kind, rank=4)
-    config = cpu_config(steps=STEPS.get(kind, 800), learning_rate=1e-2, lr_schedule="cosine", timestep_sampling="uniform")
+    config = cpu_config(steps=STEPS.get(kind, 800), learning_rate=1e-2, lr_schedule="cosine",
+                        timestep_sampling="uniform")
     buckets = [[dataset[i] for i in range(len(dataset)) if dataset.samples[i].bucket == b]
                for b in sorted({s.bucket for s in dataset.samples})]
 
