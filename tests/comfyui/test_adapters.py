@@ -130,3 +130,31 @@ def test_comfyui_patched_model_matches_the_engine(trained, comfy, name):
     assert moved > 100 * TOLERANCE, f"{name} barely changes the output ({moved:.2e}): the check would be empty"
     print(f"\n[comfyui] {name}: output moved {moved:.2e}, ComfyUI vs engine {(theirs - ours[name]).abs().max().item():.2e}")
     torch.testing.assert_close(theirs, ours[name], rtol=0, atol=TOLERANCE)
+
+
+def test_diffusers_loads_the_lora_file_and_matches_the_engine(trained, model_cache):
+    """diffusers reads the LoRA file (FluxPipeline's loader, peft) onto the same weights and
+    gives the engine's output to float32 round-off. It cannot load the other adapters
+    (tests/test_adapters.py checks what it does with them)."""
+    pytest.importorskip("peft")
+    from diffusers.loaders.lora_pipeline import FluxLoraLoaderMixin
+    from tests.test_flux import diffusers_flux
+    work, ours = trained
+    model, _ = load_flux(model_cache / ModelNames().flux)
+    reference = diffusers_flux(model)
+    del model
+    state = FluxLoraLoaderMixin.lora_state_dict(str(work / "loras" / "lora.safetensors"))
+    reference.load_lora_adapter(state, adapter_name="trained", prefix="transformer")
+    x = same_inputs()
+    img, img_ids = pack_latents(x["x"])
+    with torch.no_grad():
+        theirs = reference(hidden_states=img, encoder_hidden_states=x["context"], pooled_projections=x["y"],
+                           timestep=x["timesteps"], img_ids=img_ids[0],
+                           txt_ids=text_ids(1, x["context"].shape[1])[0], guidance=x["guidance"],
+                           return_dict=False)[0]
+    theirs = unpack_latents(theirs, *x["x"].shape[2:])
+    moved = (ours["lora"] - ours["base"]).abs().max().item()
+    error = (theirs - ours["lora"]).abs().max().item()
+    print(f"\n[diffusers] lora: output moved {moved:.2e}, diffusers vs engine {error:.2e}")
+    assert moved > 100 * TOLERANCE
+    assert error <= TOLERANCE, f"diffusers' output differs by {error:.2e}"
