@@ -40,6 +40,8 @@ dense bf16 peak (989.4 TFLOP/s for H100 SXM / H200).
 from __future__ import annotations
 
 import argparse
+import os
+import tempfile
 import json
 import statistics
 import subprocess
@@ -146,16 +148,25 @@ def random_fp8_model(params, device, seed: int = 0, host: bool = False):
 
 
 def run_config(cfg: dict) -> dict:
+    """One configuration, through the engine's own placement (plan_placement, then
+    apply_placement) and training step (MicroStep, optimizer_step). The configuration's
+    keys pick the plan: mode fast / lean / auto (the planner), offload none / aimdo /
+    pinned, compute bf16 / fp8, compile, graphs; experiment keys (fp8_recipe,
+    fp8_keep_transposed, fp8_backward, resident_gb, compile_dynamic) override the plan."""
     offload_kind = cfg.get("offload", "none")
     if offload_kind == "aimdo" or cfg["mode"] == "auto":
         from fluxtrain import offload as _offload
         _offload.init_aimdo()      # before torch touches the device: aimdo hooks the driver
+    import dataclasses
     import resource
 
     import torch
     from fluxtrain import fp8, memory
     from fluxtrain.adapters import adapter_cost, attach_adapters, save_adapter_file
-    from fluxtrain.train import MicroStep, TrainConfig, _make_optimizer, step_generator
+    from fluxtrain.placement import (DeviceInfo, apply_placement, compile_blocks,
+                                     plan_placement)
+    from fluxtrain.train import (MicroStep, TrainConfig, make_optimizer, optimizer_step,
+                                 step_generator)
 
     device = torch.device(cfg.get("device", "cuda"))
     cuda = device.type == "cuda"
@@ -166,65 +177,57 @@ def run_config(cfg: dict) -> dict:
         keep = int(cfg["free_gb"] * 1e9)
         if free > keep:
             ballast = torch.empty(free - keep, dtype=torch.uint8, device=device)
-    free_at_start = torch.cuda.mem_get_info()[0] if cuda else 80 * 2**30
+    probed = DeviceInfo.probe(device)
+    free_at_start = probed.free_bytes if cuda else 80 * 2**30
 
     params = bench_params(bool(cfg.get("tiny")))
     res = cfg["resolution"]
     img_tokens = (res // 16) ** 2
     txt_tokens = cfg.get("t5_len", 512)
     mode = cfg["mode"]
-
-    def planned():
-        return memory.plan(free_at_start, params, img_tokens=img_tokens, txt_tokens=txt_tokens,
-                           batch=1, rank=cfg["rank"], fp8_compute=cfg["compute"] == "fp8",
-                           offload_available=True, compiled=bool(cfg.get("compile")), adapter=cost)
-    plan = None
-    if mode == "auto":
-        plan = planned()
-        if plan.offload and offload_kind == "none":
-            offload_kind = "aimdo"
-    host = offload_kind != "none"
-
-    t0 = time.perf_counter()
-    model = random_fp8_model(params, device, seed=0, host=host)
-    model.requires_grad_(False)
-    build_s = time.perf_counter() - t0
-
-    config = TrainConfig(rank=cfg["rank"], alpha=float(cfg["rank"]), targets="all",
-                         memory="fast" if mode == "fast" else "lean", seed=0,
-                         learning_rate=cfg.get("lr", 1e-4), cuda_graphs=bool(cfg.get("graphs")),
+    config = TrainConfig(rank=cfg["rank"], alpha=float(cfg["rank"]), targets="all", seed=0,
+                         memory="offload" if mode == "lean" and offload_kind != "none" else mode,
+                         learning_rate=cfg.get("lr", 1e-4), fp8_compute=cfg["compute"] == "fp8",
+                         compile_blocks=bool(cfg.get("compile")), cuda_graphs=bool(cfg.get("graphs")),
                          adapter=cfg.get("adapter", "lora"), lokr_factor=cfg.get("lokr_factor", 16),
                          lokr_full_matrix=cfg.get("lokr_full_matrix", True))
     cost = adapter_cost(config.adapter_config(), params)
-    if mode == "fast":
-        model.set_checkpointing(0, 0)
-    elif mode == "lean":
-        model.set_checkpointing(params.depth, params.depth_single_blocks)
-    else:
-        model.set_checkpointing(plan.checkpoint_double, plan.checkpoint_single)
+    job = memory.Job(params, img_tokens, txt_tokens, 1, cost.parameters, 1.0, steps=1000,
+                     extra_units=cost.extra_units, extra_block_elements=cost.extra_block_elements)
+    # The benchmark asks for its switches by name: each is on when asked and possible here.
+    plan = plan_placement(job, config, dataclasses.replace(probed, free_bytes=free_at_start)
+                          if cuda else probed)
+    plan = dataclasses.replace(
+        plan, compile_blocks=bool(cfg.get("compile")) and cuda,
+        fp8_compute=cfg["compute"] == "fp8" and fp8.supports_fp8_matmul(device),
+        fp8_keep_transposed=bool(cfg.get("fp8_keep_transposed")) and not plan.offload,
+        fp8_recipe=fp8.Fp8Recipe(**cfg.get("fp8_recipe", {})),
+        offload_backend="pinned" if offload_kind == "pinned" else "aimdo",
+        resident_bytes=(int(cfg["resident_gb"] * 1e9) if cfg.get("resident_gb") is not None
+                        else plan.resident_bytes))
+    if plan.offload and offload_kind == "none":
+        offload_kind = "aimdo"
+
+    t0 = time.perf_counter()
+    model = random_fp8_model(params, device, seed=0, host=plan.offload)
+    model.requires_grad_(False)
+    build_s = time.perf_counter() - t0
+
     adapters = attach_adapters(model, config.adapter_config(), seed=config.seed, device=device)
     for a in adapters.values():
         if cfg.get("random_up"):  # nonzero up: every LoRA factor gets a gradient
             with torch.no_grad():
                 gen = torch.Generator(device=device).manual_seed(1)
                 a.up.copy_(torch.randn(a.up.shape, generator=gen, device=device) * 1e-3)
-    offloader = None
-    if host:
-        from fluxtrain import offload
-        if cfg.get("resident_gb") is not None:
-            resident = int(cfg["resident_gb"] * 1e9)
-        else:  # what the planner would keep resident with this much free VRAM
-            resident = (plan or planned()).resident_bytes
-        offloader = offload.install(model, device, prefer=offload_kind, resident_bytes=resident)
-    if cfg.get("compile"):
-        from fluxtrain.placement import compile_blocks
-        compile_blocks(model, dynamic=cfg.get("compile_dynamic"))
-    n_fp8 = fp8.enable_fp8_compute(model, device, enabled=cfg["compute"] == "fp8",
-                                   backward=cfg.get("fp8_backward", True),
-                                   keep_transposed=bool(cfg.get("fp8_keep_transposed")),
-                                   recipe=fp8.Fp8Recipe(**cfg.get("fp8_recipe", {})))
+    offloader = apply_placement(model, dataclasses.replace(
+        plan, compile_blocks=plan.compile_blocks and cfg.get("compile_dynamic") is None), device)
+    if plan.compile_blocks and cfg.get("compile_dynamic") is not None:
+        compile_blocks(model, dynamic=cfg["compile_dynamic"])
+    if plan.fp8_compute and cfg.get("fp8_backward") is False:   # float8 forward only
+        fp8.enable_fp8_compute(model, device, backward=False, recipe=plan.fp8_recipe)
+    n_fp8 = sum(getattr(m, "fp8_compute", False) for m in model.modules())
     lora_params = [p for a in adapters.values() for p in a.parameters()]
-    optimizer = _make_optimizer(config, lora_params, device)
+    optimizer = make_optimizer(config, lora_params, device)
     micro_step = MicroStep(model, lora_params, config, device)
 
     def make_batch(res):
@@ -249,10 +252,7 @@ def run_config(cfg: dict) -> dict:
         if step == 0 and cfg.get("grads_file"):
             grads_saved = {f"{n}.{k}": getattr(a, k).grad.detach().float().cpu()
                            for n, a in adapters.items() for k in ("down", "up")}
-        if config.max_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_(lora_params, config.max_grad_norm)
-        optimizer.step()
-        micro_step.zero_grad()
+        optimizer_step(micro_step, optimizer, config)
         return loss
 
     other_sizes_s = None
@@ -311,21 +311,17 @@ def run_config(cfg: dict) -> dict:
                fp8_layers=n_fp8, lora_layers=len(adapters),
                lora_params=sum(p.numel() for p in lora_params),
                device=name, torch=torch.__version__,
-               plan=plan.to_dict() if plan is not None else None,
+               plan=plan.memory.to_dict() if plan.memory is not None else None,
+               placement=plan.summary,
                offload_stats=offloader.stats() if offloader is not None else None,
                # graphs asked for but off at the end: a capture failed (out of memory?)
                graphs_captured=len(micro_step.graphs.graphs) if micro_step.graphs else 0,
                kernels=kernels)
-    est = memory.estimate(params, img_tokens, txt_tokens, rank=cfg["rank"],
-                          checkpoint_double=model.checkpointed_double,
-                          checkpoint_single=model.checkpointed_single,
+    est = memory.estimate(job, model.recomputed_double, model.recomputed_single,
                           resident_bytes=(offloader.stats()["resident_bytes"] if offloader else None),
-                          fp8_compute=cfg["compute"] == "fp8", compiled=bool(cfg.get("compile")),
-                          adapter=cost)
+                          fp8_compute=cfg["compute"] == "fp8", compiled=bool(cfg.get("compile")))
     out["predicted_peak_gib"] = est["total"] / 2**30
     # the adapter file as training writes it (bf16; alpha and DoRA's magnitude float32)
-    import os
-    import tempfile
     with tempfile.TemporaryDirectory() as folder:
         written = save_adapter_file(Path(folder) / "adapter.safetensors", adapters, config.adapter_config())
         out["file_bytes"] = os.path.getsize(written)

@@ -20,7 +20,7 @@ random float8 Flux (bench_train.random_fp8_model, FluxParams(): 19 + 38 blocks):
   student  a fresh rank-16 LoRA (fluxtrain.lora.attach_lora, seed = run seed, up = 0,
            so step 0 is the base), trained with the engine's MicroStep (velocity_loss,
            backward; CUDA graphs with --graphs), clip at 1.0 and the engine's optimizer
-           (train._make_optimizer: fused AdamW on CUDA), lr --lr with --warmup steps of
+           (train.make_optimizer: fused AdamW on CUDA), lr --lr with --warmup steps of
            linear warm-up (train.learning_rate_at). --lr auto (default) = rms(teacher
            up) / 800: AdamW moves a weight about lr per step, so in 200 steps the
            student's up can travel a quarter of the teacher's size (/ 200, the whole
@@ -98,8 +98,8 @@ from fluxtrain.files import atomic_write_bytes  # noqa: E402
 from fluxtrain.flux import Flux  # noqa: E402
 from fluxtrain.lora import LoRAConfig, attach_lora  # noqa: E402
 from fluxtrain.params import FluxParams  # noqa: E402
-from fluxtrain.train import (MicroStep, TrainConfig, _make_optimizer, flow_inputs,  # noqa: E402
-                             learning_rate_at, step_generator, velocity_loss)
+from fluxtrain.train import (MicroStep, TrainConfig, make_optimizer, flow_inputs,  # noqa: E402
+                             learning_rate_at, optimizer_step, step_generator, velocity_loss)
 
 K = 2.0
 WINDOW = 25
@@ -292,7 +292,7 @@ def run_one(model, device, compute: str, seed: int, args, teacher_items, eval_it
         a.to(device)
     params = [p for a in adapters.values() for p in a.parameters()]
     n_fp8 = enable_fp8(model, device, args.fp8_recipe if compute == "fp8" else None)
-    optimizer = _make_optimizer(config, params, device)
+    optimizer = make_optimizer(config, params, device)
     micro = MicroStep(model, params, config, device, log)
 
     eval_steps, eval_own, snapshots, losses, times = [], [], [], [], []
@@ -314,18 +314,10 @@ def run_one(model, device, compute: str, seed: int, args, teacher_items, eval_it
         lr = learning_rate_at(config, step)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        if micro.graphs is not None:   # the engine's CUDA-graph replay of forward + backward
-            value = micro.graphs(inputs, target).item()
-        else:
-            loss = velocity_loss(model(**inputs), target, config)
-            loss.backward()
-            value = loss.item()
+        value = micro.run(inputs, target)      # the engine's step (eager or graph replay)
         if not math.isfinite(value):
             raise RuntimeError(f"{compute}:{seed}: loss {value} at step {step + 1}")
-        if config.max_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
-        optimizer.step()
-        micro.zero_grad()
+        optimizer_step(micro, optimizer, config)
         if device.type == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
@@ -542,7 +534,7 @@ def main(argv=None):
     model.requires_grad_(False)
     model.train()        # as train() does; LoRA dropout is 0, so evaluation needs no eval()
     if args.lean:
-        model.set_checkpointing(params.depth, params.depth_single_blocks)
+        model.set_recompute(params.depth, params.depth_single_blocks)
     log(f"built {'tiny' if args.tiny else 'full-size'} random float8 Flux on {device}")
     if args.compile:
         from fluxtrain.placement import compile_blocks

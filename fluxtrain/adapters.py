@@ -440,8 +440,7 @@ def network_args(config: AdapterConfig) -> dict:
 
 @dataclass(frozen=True)
 class AdapterCost:
-    """What fluxtrain.memory.estimate counts for an adapter other than LoRA: trained
-    parameters (float32 weight, gradient and two AdamW states each), the activations per
+    """What fluxtrain.memory counts for an adapter: trained parameters (float32 weight, gradient and two AdamW states each), the activations per
     token it keeps beyond a LoRA's, in hidden-state rows per (double, single) block, and
     the elements per (double, single) block it keeps whatever the token count."""
     parameters: int
@@ -449,10 +448,8 @@ class AdapterCost:
     extra_block_elements: tuple[float, float] = (0.0, 0.0)
 
 
-def adapter_cost(config: AdapterConfig, p: FluxParams) -> AdapterCost | None:
-    """None for LoRA: the planner's own model of it (measured with LoRA on every Linear)."""
-    if config.adapter == "lora":
-        return None
+def adapter_cost(config: AdapterConfig, p: FluxParams) -> AdapterCost:
+    """For fluxtrain.memory.Job. LoRA's activations are in the planner's measured units."""
     return AdapterCost(adapter_parameters(config, p), extra_saved_units(config, p),
                        saved_per_block(config, p))
 

@@ -270,8 +270,8 @@ class Flux(nn.Module):
         self.single_blocks = nn.ModuleList(
             SingleStreamBlock(p, **kw) for _ in range(p.depth_single_blocks))
         self.final_layer = LastLayer(p.hidden_size, p.out_channels, **kw)
-        self.checkpointed_double = 0
-        self.checkpointed_single = 0
+        self.recomputed_double = 0
+        self.recomputed_single = 0
         # Recompute replays the random draws of the forward (LoRA dropout). With none to
         # replay, False keeps the recompute free of RNG bookkeeping (CUDA graphs need that).
         self.recompute_rng = True
@@ -290,15 +290,15 @@ class Flux(nn.Module):
         return [m for b in self.blocks() for m in b.modules()
                 if isinstance(m, FrozenLinear) and id(m) not in modulation]
 
-    def set_checkpointing(self, n_double: int, n_single: int) -> None:
+    def set_recompute(self, n_double: int, n_single: int) -> None:
         """Recompute the first `n_double` double blocks and the first `n_single` single
         blocks in backward instead of keeping their activations (0, 0 turns it off)."""
         for name, n, total in (("n_double", n_double, self.params.depth),
                                ("n_single", n_single, self.params.depth_single_blocks)):
             if not 0 <= n <= total:
-                raise ValueError(f"{name}={n} blocks to checkpoint, but the model has {total}; "
+                raise ValueError(f"{name}={n} blocks to recompute, but the model has {total}; "
                                  f"pass a count between 0 and {total}")
-        self.checkpointed_double, self.checkpointed_single = n_double, n_single
+        self.recomputed_double, self.recomputed_single = n_double, n_single
 
     def forward(self, img: Tensor, img_ids: Tensor, txt: Tensor, txt_ids: Tensor,
                 timesteps: Tensor, y: Tensor, guidance: Tensor | None = None) -> Tensor:
@@ -321,10 +321,10 @@ class Flux(nn.Module):
         pe = self.pe_embedder(torch.cat((txt_ids, img_ids), dim=1))
 
         for i, block in enumerate(self.double_blocks):
-            img, txt = self._run(block, i < self.checkpointed_double, img, txt, vec, pe)
+            img, txt = self._run(block, i < self.recomputed_double, img, txt, vec, pe)
         x = torch.cat((txt, img), dim=1)
         for i, block in enumerate(self.single_blocks):
-            x = self._run(block, i < self.checkpointed_single, x, vec, pe)
+            x = self._run(block, i < self.recomputed_single, x, vec, pe)
         img = x[:, txt.shape[1]:]
         return self.final_layer(img, vec)
 

@@ -193,6 +193,13 @@ def target_modules(config: LoRAConfig, params: FluxParams) -> list[str]:
     return chosen
 
 
+def trainable_parameters(config: LoRAConfig, params: FluxParams) -> int:
+    """How many parameters the adapters of `config` train on a model of `params`
+    (the memory planner counts their optimizer state)."""
+    shapes = expected_shapes(params)
+    return sum(config.rank * sum(shapes[f"{name}.weight"]) for name in target_modules(config, params))
+
+
 # ---------------------------------------------------------------- the adapter
 
 class LoRAAdapter(nn.Module):

@@ -1,4 +1,4 @@
-"""Automatic memory planning: how many blocks to checkpoint, whether to offload.
+"""Automatic memory planning: how many blocks to recompute, whether to offload.
 
 Users should not have to guess a block-swap number. Given the free VRAM and the
 job (model shapes, resolution, batch, LoRA rank), `plan()` picks the fastest
@@ -9,7 +9,7 @@ configuration that fits, from an explicit model of where the bytes go:
     LoRA         float32 factors + gradients + AdamW's two moments (16 B/param)
     activations  per block, in units of one token row of the hidden state
                  (hidden_size * 2 bytes, bf16) times the block's tokens:
-                 - a checkpointed block keeps only its input: 1 unit
+                 - a recomputed block keeps only its input: 1 unit
                    (a double block keeps image and text rows: 1 unit per token)
                  - a block kept for backward keeps UNITS[(compiled, fp8)] rows
                  - while one block is recomputed and differentiated, its full
@@ -22,8 +22,8 @@ own blocks (tests/test_memory.py measures them again, so a change to flux.py tha
 moves them fails a test instead of silently breaking the planner) and checked
 against peak VRAM measured on an H100 (benchmarks/NOTES.md).
 
-Order of preference: fewest checkpointed blocks without offload (speed), then
-every block checkpointed, then offload with as many weights resident as fit.
+Order of preference: fewest recomputed blocks without offload (speed), then
+every block recomputed, then offload with as many weights resident as fit.
 """
 
 from __future__ import annotations
@@ -79,13 +79,13 @@ OFFLOAD_PREFETCH_BYTES = 512 << 20
 
 
 class MemoryPlanError(RuntimeError):
-    """The job cannot fit the free VRAM even fully checkpointed and offloaded."""
+    """The job cannot fit the free VRAM even with every block recomputed and offloaded."""
 
 
 @dataclass
 class Plan:
-    checkpoint_double: int            # the first n double blocks are recomputed in backward
-    checkpoint_single: int            # the first n single blocks are recomputed in backward
+    recompute_double: int            # the first n double blocks are recomputed in backward
+    recompute_single: int            # the first n single blocks are recomputed in backward
     offload: bool                     # frozen weights stream from host memory
     resident_bytes: int               # weights kept in VRAM when offloading (all when not)
     predicted_peak: int               # bytes torch will have allocated at the peak
@@ -97,7 +97,7 @@ class Plan:
         gib = 2 ** 30
         off = (f", offload with {self.resident_bytes / gib:.1f} GiB of weights resident"
                if self.offload else ", no offload")
-        return (f"checkpoint {self.checkpoint_double} double + {self.checkpoint_single} single "
+        return (f"recompute {self.recompute_double} double + {self.recompute_single} single "
                 f"blocks{off}; predicted peak {self.predicted_peak / gib:.1f} GiB of "
                 f"{self.budget / gib:.1f} GiB available")
 
@@ -146,42 +146,61 @@ def largest_layer_bytes(p: FluxParams, weight_bytes: float = 1.0) -> float:
     return h * max(3 * h + m, 6 * h) * weight_bytes
 
 
-def estimate(p: FluxParams, img_tokens: int, txt_tokens: int, batch: int = 1, rank: int = 16,
-             checkpoint_double: int | None = None, checkpoint_single: int | None = None,
-             resident_bytes: float | None = None, weight_bytes: float = 1.0,
-             fp8_compute: bool = False, compiled: bool = False, adapter=None) -> dict:
+@dataclass(frozen=True)
+class Job:
+    """One training job as the planner sees it: the model's shapes, the largest step's
+    tokens, the batch and how many parameters train (LoRA factors, or any adapter's)."""
+    params: FluxParams
+    img_tokens: int                   # image tokens (2x2 patches) of the largest bucket
+    txt_tokens: int = 512
+    batch: int = 1
+    trainable_params: int | None = None   # None: a rank-16 LoRA on every block Linear
+    weight_bytes: float = 1.0         # bytes per stored weight (1 float8, 2 bf16)
+    steps: int = 1000                 # optimizer steps still to train
+    # What an adapter other than LoRA keeps for backward beyond a LoRA's (fluxtrain.adapters.
+    # adapter_cost): hidden-state rows per token, and elements per block whatever the tokens,
+    # each for (double, single) blocks.
+    extra_units: tuple[float, float] = (0.0, 0.0)
+    extra_block_elements: tuple[float, float] = (0.0, 0.0)
+
+    @property
+    def trainable(self) -> int:
+        return lora_params(self.params, 16) if self.trainable_params is None else self.trainable_params
+
+
+def estimate(job: Job, recompute_double: int | None = None, recompute_single: int | None = None,
+             resident_bytes: float | None = None, fp8_compute: bool = False,
+             compiled: bool = False) -> dict:
     """Predicted peak device bytes, by part: `total` what torch will have allocated
     (plus weights an aimdo VBAR holds, which torch does not count), `budget_total`
     that with allocator slack and workspace, as checked against free VRAM.
-    Checkpoint counts default to all blocks; resident_bytes None = every weight
-    resident (no offload). `adapter` (fluxtrain.adapters.adapter_cost) replaces the rank-`rank`
-    LoRA on every block Linear by what another adapter trains and keeps for backward."""
-    tokens = img_tokens + txt_tokens
+    Recompute counts default to all blocks; resident_bytes None = every weight
+    resident (no offload)."""
+    p, batch = job.params, job.batch
+    tokens = job.img_tokens + job.txt_tokens
     double_units, single_units = activation_units(compiled, fp8_compute, tokens)
-    extra_double, extra_single = (0.0, 0.0) if adapter is None else adapter.extra_units
-    double_units, single_units = double_units + extra_double, single_units + extra_single
-    cd = p.depth if checkpoint_double is None else checkpoint_double
-    cs = p.depth_single_blocks if checkpoint_single is None else checkpoint_single
+    double_units, single_units = double_units + job.extra_units[0], single_units + job.extra_units[1]
+    cd = p.depth if recompute_double is None else recompute_double
+    cs = p.depth_single_blocks if recompute_single is None else recompute_single
     row = p.hidden_size * 2 * batch            # one token of hidden state, bf16
-    wd, ws = block_weight_bytes(p, weight_bytes)
-    all_weights = p.depth * wd + p.depth_single_blocks * ws + edge_weight_bytes(p, weight_bytes)
-    largest = largest_layer_bytes(p, weight_bytes)
+    wd, ws = block_weight_bytes(p, job.weight_bytes)
+    all_weights = p.depth * wd + p.depth_single_blocks * ws + edge_weight_bytes(p, job.weight_bytes)
+    largest = largest_layer_bytes(p, job.weight_bytes)
     if resident_bytes is None:
         weights = all_weights
         streaming = 0.0
     else:
         weights = min(all_weights, resident_bytes)
         streaming = max(wd, ws) + OFFLOAD_PREFETCH_BYTES   # the staged block + prefetched
-    lora = (lora_params(p, rank) if adapter is None else adapter.parameters) * 16.0
+    lora = job.trainable * 16.0
     saved = row * tokens * (cd * 1 + cs * 1
                             + (p.depth - cd) * double_units
                             + (p.depth_single_blocks - cs) * single_units)
-    if adapter is not None:        # what the adapter keeps per block whatever the tokens, bf16
-        fixed_double, fixed_single = adapter.extra_block_elements
-        saved += 2 * ((p.depth - cd) * fixed_double + (p.depth_single_blocks - cs) * fixed_single)
-    transient = row * tokens * (TRANSIENT_UNITS + max(extra_double, extra_single)) if cd + cs > 0 else 0.0
+    saved += 2 * ((p.depth - cd) * job.extra_block_elements[0]
+                  + (p.depth_single_blocks - cs) * job.extra_block_elements[1])
+    transient = row * tokens * (TRANSIENT_UNITS + max(job.extra_units)) if cd + cs > 0 else 0.0
     # The bf16 cast of the largest weight (the float8 path: its transposed copy).
-    cast = largest * (1 if fp8_compute else 2 / weight_bytes)
+    cast = largest * (1 if fp8_compute else 2 / job.weight_bytes)
     total = weights + streaming + lora + saved + transient + cast
     budget_total = total * (1 + FRAGMENTATION) + FIXED_WORKSPACE
     return dict(weights=weights, all_weights=all_weights, streaming=streaming, lora=lora,
@@ -189,45 +208,43 @@ def estimate(p: FluxParams, img_tokens: int, txt_tokens: int, batch: int = 1, ra
                 budget_total=budget_total)
 
 
-def plan(free_bytes: int, p: FluxParams, img_tokens: int, txt_tokens: int = 512, batch: int = 1,
-         rank: int = 16, fp8_compute: bool = False, offload_available: bool = True,
-         weight_bytes: float = 1.0, headroom: float = HEADROOM, compiled: bool = False,
-         adapter=None) -> Plan:
+def plan(free_bytes: int, job: Job, fp8_compute: bool = False, offload_available: bool = True,
+         headroom: float = HEADROOM, compiled: bool = False) -> Plan:
     """The fastest configuration whose predicted peak fits `free_bytes` (less `headroom`,
     a share kept free for other allocations of the process)."""
+    p = job.params
     budget = int(free_bytes * (1 - headroom))
-    kw = dict(img_tokens=img_tokens, txt_tokens=txt_tokens, batch=batch, rank=rank,
-              weight_bytes=weight_bytes, fp8_compute=fp8_compute, compiled=compiled, adapter=adapter)
+    kw = dict(fp8_compute=fp8_compute, compiled=compiled)
 
-    # 1. Everything resident: un-checkpoint as many blocks as fit, single blocks first
+    # 1. Everything resident: recompute as few blocks as fit, single blocks first
     #    (cheapest per block), then double blocks.
     def fits(cd: int, cs: int) -> bool:
-        return estimate(p, checkpoint_double=cd, checkpoint_single=cs, **kw)["budget_total"] <= budget
+        return estimate(job, cd, cs, **kw)["budget_total"] <= budget
 
     nd, ns = p.depth, p.depth_single_blocks
     if fits(nd, ns):
         cd, cs = nd, ns
-        while cs > 0 and fits(cd, cs - 1):    # fewer checkpointed single blocks
+        while cs > 0 and fits(cd, cs - 1):    # fewer recomputed single blocks
             cs -= 1
         while cs == 0 and cd > 0 and fits(cd - 1, 0):
             cd -= 1
-        e = estimate(p, checkpoint_double=cd, checkpoint_single=cs, **kw)
+        e = estimate(job, cd, cs, **kw)
         return Plan(cd, cs, False, int(e["all_weights"]), int(e["total"]), budget, e)
 
-    # 2. Offload: every block checkpointed, as many weights resident as fit.
+    # 2. Offload: every block recomputed, as many weights resident as fit.
     if not offload_available:
-        e = estimate(p, **kw)
+        e = estimate(job, **kw)
         raise MemoryPlanError(
-            f"the model needs about {e['budget_total'] / 2**30:.1f} GiB with every block checkpointed, "
+            f"the model needs about {e['budget_total'] / 2**30:.1f} GiB with every block recomputed, "
             f"but only {budget / 2**30:.1f} GiB are free and offloading is off; turn offloading "
             "on, lower the resolution or the batch, or free VRAM")
-    zero = estimate(p, resident_bytes=0, **kw)
+    zero = estimate(job, resident_bytes=0, **kw)
     spare = (budget - zero["budget_total"]) / (1 + FRAGMENTATION)
     if spare < 0:
         raise MemoryPlanError(
-            f"even with every block checkpointed and every weight in host memory the step needs "
+            f"even with every block recomputed and every weight in host memory the step needs "
             f"about {zero['budget_total'] / 2**30:.1f} GiB, but only {budget / 2**30:.1f} GiB are free: "
             "lower the resolution, the batch or the LoRA rank, or free VRAM")
     resident = int(min(spare, zero["all_weights"]))
-    e = estimate(p, resident_bytes=resident, **kw)
+    e = estimate(job, resident_bytes=resident, **kw)
     return Plan(nd, ns, True, resident, int(e["total"]), budget, e)

@@ -4,7 +4,7 @@ For cards that cannot hold the 12 GB float8 base next to the activations. Every
 FrozenLinear inside the transformer blocks gets its weight moved to one page-locked
 host buffer (`HostArena`), read there straight from the checkpoint file when the
 model came from one. Around each run of a block (its forward, and its recompute in backward:
-offloading needs every block checkpointed) a forward pre-hook stages a fresh device
+offloading needs every block recomputed) a forward pre-hook stages a fresh device
 copy of each of its weights in `layer.staged_weight`, and the forward hook drops
 those references again. Backward uses the weights saved by the recompute, so each
 weight is brought in twice per step, and only one block's weights are held while
@@ -294,21 +294,43 @@ def _say_fallback(reason: str) -> None:
                     "pinned host memory instead", reason)
 
 
-def offload_targets(model: nn.Module) -> list[tuple[str, FrozenLinear]]:
-    """The FrozenLinears whose weights are offloaded: every one inside a block."""
+def offload_targets(model: nn.Module, keep: Sequence[int] = ()) -> list[tuple[str, FrozenLinear]]:
+    """The FrozenLinears of the transformer blocks, except those of the blocks numbered
+    in `keep` (indices into model.blocks()), whose weights stay in VRAM."""
+    kept = {id(m) for i, block in enumerate(model.blocks()) if i in set(keep) for m in block.modules()}
     return [(n, m) for n, m in model.named_modules()
-            if isinstance(m, FrozenLinear) and (n.startswith("double_blocks.")
-                                                 or n.startswith("single_blocks."))]
+            if isinstance(m, FrozenLinear) and id(m) not in kept
+            and (n.startswith("double_blocks.") or n.startswith("single_blocks."))]
+
+
+def resident_blocks(block_bytes: Sequence[int], budget: int) -> list[int]:
+    """Which blocks keep their weights in VRAM when only `budget` bytes of them fit: as
+    many bytes as fit, and the streamed blocks spread evenly over the step, so that each
+    one's copy overlaps the compute of the resident blocks before it (streaming a run
+    of neighbours would leave the copy engine, then the GPU, waiting in turn)."""
+    total = sum(block_bytes)
+    if budget >= total:
+        return list(range(len(block_bytes)))
+    share = 1.0 - max(0, budget) / total if total else 0.0      # of the bytes, streamed
+    keep, debt, kept = [], 0.0, 0
+    for i, nbytes in enumerate(block_bytes):
+        debt += share * nbytes
+        if debt >= nbytes / 2 or kept + nbytes > budget:
+            debt -= nbytes                  # streamed
+        else:
+            keep.append(i)
+            kept += nbytes
+    return keep
 
 
 class _Entry:
-    __slots__ = ("name", "host", "shape", "dtype", "nbytes", "alloc", "sig", "resident", "in_vbar")
+    __slots__ = ("name", "host", "shape", "dtype", "nbytes", "alloc", "sig", "in_vbar")
 
     def __init__(self, name, host):
         self.name, self.host = name, host
         self.shape, self.dtype = tuple(host.shape), host.dtype
         self.nbytes = host.numel() * host.element_size()
-        self.alloc, self.sig, self.resident = None, None, None
+        self.alloc, self.sig = None, None
         self.in_vbar = False          # the last fault found room: no host copy needed
 
 
@@ -320,7 +342,9 @@ class Offloader:
         self.backend = backend                    # "aimdo" | "pinned"
         self.prefetch_bytes = prefetch_bytes
         self.entries: dict[int, _Entry] = {}
-        self.block_layers: dict[int, list[FrozenLinear]] = {}
+        self.block_layers: dict[int, list[FrozenLinear]] = {}   # streamed blocks' layers
+        self.kept_blocks: list[int] = []          # blocks whose weights stay in VRAM
+        self.kept_bytes = 0
         self.staged: list[FrozenLinear] = []     # the layers of the block now staged
         self.vbar = None
         self.arena: HostArena | None = None
@@ -331,7 +355,7 @@ class Offloader:
         self.inflight: dict[int, tuple[torch.Tensor, torch.cuda.Event]] = {}
         self.side = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         self.counters = dict(fetches=0, vbar_hits=0, vbar_refills=0, vbar_no_room=0,
-                             streamed=0, streamed_bytes=0, prefetched=0, resident_hits=0)
+                             streamed=0, streamed_bytes=0, prefetched=0)
 
     # ------------------------------------------------------------ block hooks
     @torch.compiler.disable
@@ -349,7 +373,7 @@ class Offloader:
         self._drop_staged()
 
     def _drop_staged(self) -> None:
-        # Also run by the next stage(): a recompute that checkpoint stops early (once it
+        # Also run by the next stage(): a recompute that torch.utils.checkpoint stops early (once it
         # has every tensor backward needs) never reaches the forward hook.
         for layer in self.staged:
             layer.staged_weight = None
@@ -361,9 +385,6 @@ class Offloader:
         self.counters["fetches"] += 1
         self.recording.append(key)
         self.pos += 1
-        if e.resident is not None:                    # kept in ordinary VRAM by the plan
-            self.counters["resident_hits"] += 1
-            return e.resident
         w = self._fetch_vbar(e, key) if self.vbar is not None else None
         if w is None:
             return self._fetch_streamed(e, key)
@@ -427,8 +448,8 @@ class Offloader:
 
     def _streams_from_host(self, key: int) -> bool:
         e = self.entries[key]
-        # Resident weights, and VBAR-backed ones that found room last time, need no copy.
-        return e.resident is None and not e.in_vbar
+        # VBAR-backed weights that found room last time need no copy.
+        return not e.in_vbar
 
     def prefetch_plan(self) -> list[int]:
         """The layers to copy now: the next streamed ones of the learnt order, until
@@ -459,9 +480,9 @@ class Offloader:
     # ------------------------------------------------------------ bookkeeping
     def stats(self) -> dict:
         total = sum(e.nbytes for e in self.entries.values())
-        resident = sum(e.nbytes for e in self.entries.values() if e.resident is not None)
         out = dict(backend=self.backend, layers=len(self.entries), offloaded_bytes=total,
-                   resident_bytes=resident, prefetch_bytes=self.prefetch_bytes,
+                   resident_bytes=self.kept_bytes, resident_blocks=len(self.kept_blocks),
+                   streamed_blocks=len(self.block_layers), prefetch_bytes=self.prefetch_bytes,
                    host_bytes=self.arena.nbytes if self.arena else 0,
                    host_pinned=bool(self.arena and self.arena.pinned),
                    read_from_file=self.read_from_file, **self.counters)
@@ -484,29 +505,36 @@ class Offloader:
 def install(model: nn.Module, device, prefer: str = "aimdo", resident_bytes: int | None = None,
             prefetch_bytes: int = PREFETCH_BYTES,
             sources: Mapping[str, TensorMeta] | None = None) -> Offloader:
-    """Offload the block weights of `model` (a Flux with every block checkpointed) to
+    """Offload the block weights of `model` (a Flux with every block recomputed) to
     page-locked host memory and move everything else to `device`. `prefer` "aimdo" uses
     comfy-aimdo when it initialises (else the pinned fallback, said once); "pinned"
-    forces the fallback. `resident_bytes` keeps that many bytes of weights in ordinary
-    VRAM (pinned backend) or caps the VBAR's resident set (aimdo backend); None lets
-    aimdo use whatever VRAM is free. `sources` ({key: where its bytes lie}, from
+    forces the fallback. `resident_bytes` keeps whole blocks whose weights add up to at
+    most that many bytes in ordinary VRAM, unhooked (`resident_blocks` picks them), and
+    streams only the others; None keeps none and lets aimdo use whatever VRAM is free.
+    `sources` ({key: where its bytes lie}, from
     checkpoint.stored_bytes of the file the model was just loaded from) reads those
     weights from the file into host memory instead of copying the model's tensors:
     the model's memory-mapped pages are never touched, so the file is not held twice."""
-    if (model.checkpointed_double, model.checkpointed_single) != (
+    if (model.recomputed_double, model.recomputed_single) != (
             len(model.double_blocks), len(model.single_blocks)):
         raise ValueError(
-            f"offloading needs every block checkpointed (it streams each block's weights in for "
-            f"its forward and its recompute), but {model.checkpointed_double} of "
-            f"{len(model.double_blocks)} double and {model.checkpointed_single} of "
-            f"{len(model.single_blocks)} single blocks are: call model.set_checkpointing("
+            f"offloading needs every block recomputed (it streams each block's weights in for "
+            f"its forward and its recompute), but {model.recomputed_double} of "
+            f"{len(model.double_blocks)} double and {model.recomputed_single} of "
+            f"{len(model.single_blocks)} single blocks are: call model.set_recompute("
             f"{len(model.double_blocks)}, {len(model.single_blocks)}) first")
     device = torch.device(device)
     backend, reason = choose_backend(device, prefer)
     if backend != "aimdo" and prefer == "aimdo":
         _say_fallback(reason)
     off = Offloader(device, backend, prefetch_bytes)
-    targets = offload_targets(model)
+    blocks = model.blocks()
+    block_bytes = [sum(m.weight.nbytes for m in b.modules() if isinstance(m, FrozenLinear))
+                   for b in blocks]
+    off.kept_blocks = (resident_blocks(block_bytes, int(resident_bytes))
+                       if resident_bytes is not None else [])
+    off.kept_bytes = sum(block_bytes[i] for i in off.kept_blocks)
+    targets = offload_targets(model, off.kept_blocks)
     target_weights = {id(layer.weight) for _, layer in targets}
     # Everything that is not an offloaded weight goes to the device.
     for module in model.modules():
@@ -526,7 +554,6 @@ def install(model: nn.Module, device, prefer: str = "aimdo", resident_bytes: int
                            if layer.weight.device.type == "cpu" and from_file(name, layer) is None)
     off.arena = HostArena([(tuple(layer.weight.shape), layer.weight.dtype) for _, layer in targets],
                           freed_bytes=copied_from_host)
-    budget = 0 if resident_bytes is None else int(resident_bytes)
     for (name, layer), host in zip(targets, off.arena.tensors):
         src = from_file(name, layer)
         if src is not None:
@@ -534,32 +561,31 @@ def install(model: nn.Module, device, prefer: str = "aimdo", resident_bytes: int
             off.read_from_file += 1
         else:
             host.copy_(layer.weight.data)
-        e = _Entry(name, host)
-        if backend == "pinned" and budget >= e.nbytes:
-            e.resident = host.to(device)                  # kept in VRAM by the plan
-            budget -= e.nbytes
         layer.weight.data = host          # the weight it replaces is freed here, one by one
         layer.offloader = off
-        off.entries[id(layer)] = e
+        off.entries[id(layer)] = _Entry(name, host)
     if device.type == "cuda":
         off.arena.pin()
-    for block in model.blocks():
+    for i, block in enumerate(blocks):
+        if i in off.kept_blocks:
+            continue
         off.block_layers[id(block)] = [m for m in block.modules() if id(m) in off.entries]
         block.register_forward_pre_hook(off.stage)
         block.register_forward_hook(off.unstage)
     total = sum(e.nbytes for e in off.entries.values())
-    if backend == "aimdo":
+    if backend == "aimdo" and off.entries:
         from comfy_aimdo import model_vbar
         off.vbar = model_vbar.ModelVBAR(total + (64 << 20), device.index or 0)
         for e in off.entries.values():
             e.alloc = off.vbar.alloc(e.nbytes)
         off.vbar.prioritize()
-        if resident_bytes is not None:
-            off.vbar.set_watermark_limit(max(0, int(resident_bytes)))
+        if resident_bytes is not None:     # the planned blocks are resident: no room beyond
+            off.vbar.set_watermark_limit(max(0, int(resident_bytes) - off.kept_bytes))
     model.register_forward_pre_hook(lambda mod, args: off.step_begins())
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    log.info("fluxtrain offload: %d layers, %.1f GiB in %s host memory (%d read from the file), "
-             "backend %s", len(targets), total / 2**30,
+    log.info("fluxtrain offload: %d of %d blocks streamed (%d layers, %.1f GiB in %s host "
+             "memory, %d read from the file), backend %s", len(blocks) - len(off.kept_blocks),
+             len(blocks), len(targets), total / 2**30,
              "page-locked" if off.arena.pinned else "pageable", off.read_from_file, backend)
     return off

@@ -80,20 +80,20 @@ class TrainConfig:
                           "when even that does not fit); fast = no checkpointing; lean = every block "
                           "checkpointed (about 15 GiB at 1024x1024); offload = lean plus weights "
                           "streamed from host memory", choices=MEMORY_MODES)
-    fp8_compute: bool = setting(False, "run the transformer blocks' matmuls in float8 on GPUs with "
-                                "float8 tensor cores (Ada, Hopper); with compile_blocks about 1.2x "
-                                "faster steps at 1024x1024 (H200: 0.44 s instead of 0.53 lean, 0.32 "
-                                "instead of 0.37 fast), without it slower than bf16; LoRA math stays "
-                                "bf16, the loss curve and the LoRA match bf16's within run-to-run noise")
-    compile_blocks: bool = setting(False, "torch.compile every transformer block (CUDA; needs Triton): "
-                                   "about 1.7x faster steps after a minute or two of compiling")
+    fp8_compute: bool = setting(True, "run the transformer blocks' matmuls in float8 where it pays: on "
+                                "GPUs whose float8 tensor cores the recipe was validated on (Hopper) "
+                                "and with compiled blocks; LoRA math stays bf16, and the loss curve and "
+                                "the LoRA match bf16's within run-to-run noise. Off: never")
+    compile_blocks: bool = setting(True, "torch.compile every transformer block where it pays: on CUDA "
+                                   "with Triton, for runs long enough to earn back the compile time "
+                                   "(cached after the first run). Off: never")
     compute_dtype: str = setting("bfloat16", "dtype the frozen base computes in (LoRA weights stay "
                                  "float32)", choices=("bfloat16", "float16", "float32"))
     # New settings go last: saved workflows list the Train node's widget values by position.
-    cuda_graphs: bool = setting(False, "replay each step's forward and backward as a CUDA graph (CUDA, "
-                                "weights resident, no LoRA dropout): removes the launch overhead that "
-                                "dominates small images; every image size is captured before the first step, "
-                                "a few seconds each")
+    cuda_graphs: bool = setting(True, "replay each step's forward and backward as a CUDA graph where "
+                                "possible (CUDA, weights resident, no LoRA dropout): removes the launch "
+                                "overhead that dominates small images; every image size is captured "
+                                "before the first step, a few seconds each. Off: never")
     adapter: str = setting("lora", "what is trained on each targeted layer: lora (two low-rank factors); "
                            "lokr (Kronecker product of a small and a large factor, lokr_factor and "
                            "lokr_full_matrix; often a fraction of LoRA's file); loha (Hadamard product "
@@ -235,7 +235,10 @@ class MicroStep:
         self._graphs_failed(failure)
 
     def __call__(self, batch: dict, generator: torch.Generator) -> float:
-        inputs, target = flow_inputs(batch, self.config, generator, self.model.params.guidance_embed)
+        return self.run(*flow_inputs(batch, self.config, generator, self.model.params.guidance_embed))
+
+    def run(self, inputs: dict, target: torch.Tensor) -> float:
+        """Forward and backward on prepared model inputs; returns the loss."""
         if self.graphs is not None:
             held = len(self.graphs.graphs)
             try:
@@ -274,6 +277,25 @@ class MicroStep:
                 p.grad.zero_()
 
 
+def optimizer_step(micro_step: MicroStep, optimizer: torch.optim.Optimizer,
+                   config: TrainConfig) -> float:
+    """The end of every training step: clip the accumulated gradients (when asked), step
+    the optimizer, clear the gradients. Returns the gradient norm before clipping; when it
+    is not finite the optimizer does not step (the weights stay as they were)."""
+    grads = [p.grad for p in micro_step.params if p.grad is not None]
+    if not grads:
+        norm = 0.0
+    elif config.max_grad_norm > 0:
+        norm = torch.nn.utils.clip_grad_norm_(micro_step.params, config.max_grad_norm)
+    else:
+        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+    norm = float(norm)
+    if math.isfinite(norm):
+        optimizer.step()
+    micro_step.zero_grad()
+    return norm
+
+
 def step_generator(seed: int, step: int, device) -> torch.Generator:
     generator = torch.Generator(device=device)
     generator.manual_seed((seed * 1_000_003 + step) % (2 ** 63))
@@ -296,7 +318,7 @@ def train(model: Flux, dataset: EncodedDataset, config: TrainConfig, run_dir: Pa
     # on the compute device also where an offloaded layer keeps its weight on the host
     adapters = attach_adapters(model, config.adapter_config(), seed=config.seed, device=device)
     params = [p for a in adapters.values() for p in a.parameters()]
-    optimizer = _make_optimizer(config, params, device)
+    optimizer = make_optimizer(config, params, device)
     micro_step = MicroStep(model, params, config, device, log)
     sampler = BucketBatchSampler(dataset, config.batch_size * config.grad_accum, seed=config.seed)
 
@@ -348,10 +370,7 @@ def train(model: Flux, dataset: EncodedDataset, config: TrainConfig, run_dir: Pa
                         f"{state_path or 'none (no checkpoint yet)'}. Lower the learning rate "
                         "or check the dataset, then resume or restart.")
                 loss_sum += value
-        if config.max_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
-        optimizer.step()
-        micro_step.zero_grad()
+        optimizer_step(micro_step, optimizer, config)
         losses.append(loss_sum)
         if on_step is not None:
             on_step(StepReport(step + 1, config.steps, loss_sum, lr, time.perf_counter() - began))
@@ -382,15 +401,17 @@ def lora_metadata(config: TrainConfig, dataset: EncodedDataset, base: dict) -> d
     }
 
 
-def _make_optimizer(config: TrainConfig, params, device) -> torch.optim.Optimizer:
+def make_optimizer(config: TrainConfig, params, device) -> torch.optim.Optimizer:
     if config.optimizer == "adafactor":
         return torch.optim.Adafactor(params, lr=config.learning_rate, weight_decay=config.weight_decay)
     return torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay,
                              fused=device.type == "cuda")
 
 
-# Settings a resumed run may change (more steps, checkpoint cadence); all else must match.
-_RESUME_MAY_CHANGE = {"steps", "checkpoint_every"}
+# Settings a resumed run may change: more steps, the checkpoint cadence, and where and
+# how fast the same arithmetic runs (a run may move to another card); all else must match.
+_RESUME_MAY_CHANGE = {"steps", "checkpoint_every", "memory", "fp8_compute", "compile_blocks",
+                      "cuda_graphs"}
 
 
 def _check_resumable(saved: dict, config: TrainConfig) -> None:

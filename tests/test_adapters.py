@@ -18,7 +18,7 @@ from fluxtrain.checkpoint import load_flux
 from fluxtrain.flux import Flux
 from fluxtrain.layers import materialize_weight
 from fluxtrain.lora import (LoRAConfig, LoRAConfigError, LoRAFileError, attach_lora, kohya_name,
-                            load_lora_file, lora_state_dict)
+                            load_lora_file, lora_state_dict, trainable_parameters)
 from fluxtrain.params import TINY, FluxParams
 from fluxtrain.synthetic import random_state_dict, write_scaled_fp8
 from fluxtrain.train import TrainConfig
@@ -236,16 +236,19 @@ def test_parameter_count_is_what_attaches(name, targets):
 
 def test_planner_counts_each_adapters_parameters_and_activations():
     p = FluxParams()
-    lora = memory.estimate(p, 4096, 512, rank=16)
+
+    def job(config):
+        cost = adapter_cost(config, p)
+        return memory.Job(p, 4096, 512, 1, cost.parameters, extra_units=cost.extra_units,
+                          extra_block_elements=cost.extra_block_elements)
+    lora = AdapterConfig(rank=16, alpha=16)
+    assert job(lora) == memory.Job(p, 4096, 512, 1, trainable_parameters(lora.lora_config(), p))
+    fast_lora = memory.estimate(job(lora), recompute_double=0, recompute_single=0)
     for name in ("lokr", "loha", "dora"):
         config = AdapterConfig(rank=16, alpha=16, adapter=name)
-        cost = adapter_cost(config, p)
-        e = memory.estimate(p, 4096, 512, rank=16, checkpoint_double=0, checkpoint_single=0, adapter=cost)
-        fast_lora = memory.estimate(p, 4096, 512, rank=16, checkpoint_double=0, checkpoint_single=0)
+        e = memory.estimate(job(config), recompute_double=0, recompute_single=0)
         assert e["lora"] == adapter_parameters(config, p) * 16
         assert e["saved_activations"] > fast_lora["saved_activations"], name
-    assert adapter_cost(AdapterConfig(rank=16), p) is None     # LoRA: the planner's own model, unchanged
-    assert memory.estimate(p, 4096, 512, rank=16, adapter=None) == lora
 
 
 @pytest.mark.parametrize("config", [AdapterConfig(rank=16, alpha=16, adapter="lokr", lokr_factor=4),

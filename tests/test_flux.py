@@ -177,7 +177,7 @@ def output_and_grads(model, x):
 
 
 @pytest.mark.parametrize("n_double, n_single", [(2, 2), (1, 1)])
-def test_checkpointing_recomputes_blocks_and_keeps_outputs_and_grads(n_double, n_single):
+def test_recompute_runs_blocks_again_and_keeps_outputs_and_grads(n_double, n_single):
     torch.manual_seed(0)
     model = random_flux()
     model.double_blocks[0].img_attn.qkv.lora = DeltaAdapter(model.double_blocks[0].img_attn.qkv)
@@ -188,23 +188,23 @@ def test_checkpointing_recomputes_blocks_and_keeps_outputs_and_grads(n_double, n
     calls = []
     for block in model.blocks():
         block.register_forward_pre_hook(lambda mod, args: calls.append(mod))
-    model.set_checkpointing(n_double, n_single)
-    checkpointed = output_and_grads(model, x)
+    model.set_recompute(n_double, n_single)
+    recomputed = output_and_grads(model, x)
 
     # A recomputed block starts twice: in forward, then again in backward (where torch
     # stops it early once the saved tensors are rebuilt, so only pre-hooks see it).
     runs = [calls.count(b) for b in model.blocks()]
     assert runs == [2] * n_double + [1] * (2 - n_double) + [2] * n_single + [1] * (2 - n_single)
-    assert torch.allclose(plain[0], checkpointed[0], rtol=0, atol=1e-6)
-    assert torch.allclose(plain[1], checkpointed[1], rtol=1e-5, atol=1e-8)
+    assert torch.allclose(plain[0], recomputed[0], rtol=0, atol=1e-6)
+    assert torch.allclose(plain[1], recomputed[1], rtol=1e-5, atol=1e-8)
     assert len(plain[2]) == 2
-    for a, b in zip(plain[2], checkpointed[2]):
+    for a, b in zip(plain[2], recomputed[2]):
         assert a.abs().max() > 0 and torch.allclose(a, b, rtol=1e-5, atol=1e-8)
 
 
-def test_set_checkpointing_rejects_counts_beyond_the_model():
-    with pytest.raises(ValueError, match="n_single=3 blocks to checkpoint, but the model has 2"):
-        Flux(TINY, device="meta").set_checkpointing(0, 3)
+def test_set_recompute_rejects_counts_beyond_the_model():
+    with pytest.raises(ValueError, match="n_single=3 blocks to recompute, but the model has 2"):
+        Flux(TINY, device="meta").set_recompute(0, 3)
 
 
 # ---------------------------------------------------------------- float8 storage

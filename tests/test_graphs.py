@@ -278,7 +278,15 @@ def test_graphed_micro_step_keeps_its_gradient_tensors_across_optimizer_steps(ti
 
 def test_resuming_a_checkpoint_written_before_a_setting_existed():
     old = TrainConfig().to_dict()
-    del old["cuda_graphs"]
+    del old["huber_delta"]                       # as if written before the setting existed
     train_module._check_resumable(old, TrainConfig())          # the default: accepted
-    with pytest.raises(ValueError, match="cuda_graphs: saved False, now True"):
-        train_module._check_resumable(old, TrainConfig(cuda_graphs=True))
+    with pytest.raises(ValueError, match="huber_delta: saved 1.0, now 2.0"):
+        train_module._check_resumable(old, TrainConfig(huber_delta=2.0))
+
+
+def test_a_run_may_resume_on_another_card_with_other_speed_settings():
+    saved = TrainConfig(memory="fast", fp8_compute=True, compile_blocks=True, cuda_graphs=True).to_dict()
+    train_module._check_resumable(saved, TrainConfig(memory="offload", fp8_compute=False,
+                                                     compile_blocks=False, cuda_graphs=False))
+    with pytest.raises(ValueError, match="rank: saved 16, now 8"):
+        train_module._check_resumable(saved, TrainConfig(rank=8, alpha=16.0))

@@ -77,32 +77,33 @@ def test_lora_parameter_count_matches_attach_lora():
                                            for t in a.parameters())
 
 
-def test_a_big_card_trains_without_checkpointing():
-    plan = memory.plan(80 * GB, FLUX, img_tokens=1024)
-    assert (plan.checkpoint_double, plan.checkpoint_single, plan.offload) == (0, 0, False)
+def test_a_big_card_trains_without_recompute():
+    plan = memory.plan(80 * GB, memory.Job(FLUX, img_tokens=1024))
+    assert (plan.recompute_double, plan.recompute_single, plan.offload) == (0, 0, False)
     assert plan.predicted_peak <= plan.budget
 
 
-def test_less_vram_means_more_checkpointing_then_offload():
+def test_less_vram_means_more_recompute_then_offload():
     tokens = 4096
-    plans = [memory.plan(gb * GB, FLUX, img_tokens=tokens) for gb in (80, 48, 32, 24, 16, 10)]
-    checkpointed = [p.checkpoint_double + p.checkpoint_single for p in plans]
-    assert checkpointed == sorted(checkpointed), "less memory must never checkpoint fewer blocks"
+    job = memory.Job(FLUX, img_tokens=tokens)
+    plans = [memory.plan(gb * GB, job) for gb in (80, 48, 32, 24, 16, 10)]
+    recomputed = [p.recompute_double + p.recompute_single for p in plans]
+    assert recomputed == sorted(recomputed), "less memory must never recompute fewer blocks"
     assert not plans[0].offload and plans[-1].offload
-    assert 0 < checkpointed[2] < FLUX.depth + FLUX.depth_single_blocks  # partial in between
+    assert 0 < recomputed[2] < FLUX.depth + FLUX.depth_single_blocks  # partial in between
     for p in plans:
         assert p.predicted_peak <= p.budget
-        # single blocks (cheaper to keep) are un-checkpointed before any double block
-        assert p.checkpoint_single == 0 or p.checkpoint_double == FLUX.depth
+        # single blocks (cheaper to keep) stop recomputing before any double block
+        assert p.recompute_single == 0 or p.recompute_double == FLUX.depth
     # offloading keeps whatever weights fit, more with more memory
-    assert memory.plan(12 * GB, FLUX, tokens).resident_bytes > plans[-1].resident_bytes > 0
+    assert memory.plan(12 * GB, job).resident_bytes > plans[-1].resident_bytes > 0
 
 
 def test_impossible_budgets_fail_with_a_message_that_says_what_to_do():
     with pytest.raises(memory.MemoryPlanError, match="lower the resolution"):
-        memory.plan(3 * GB, FLUX, img_tokens=4096)
+        memory.plan(3 * GB, memory.Job(FLUX, img_tokens=4096))
     with pytest.raises(memory.MemoryPlanError, match="offloading is off"):
-        memory.plan(10 * GB, FLUX, img_tokens=4096, offload_available=False)
+        memory.plan(10 * GB, memory.Job(FLUX, img_tokens=4096), offload_available=False)
 
 
 def test_compiled_coefficients_follow_the_measurements_between_resolutions():

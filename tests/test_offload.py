@@ -18,6 +18,7 @@ import torch
 from fluxtrain import offload
 from fluxtrain.checkpoint import load_flux, read_into, stored_bytes
 from fluxtrain.flux import Flux, pack_latents, text_ids
+from fluxtrain.layers import FrozenLinear
 from fluxtrain.lora import LoRAConfig, attach_lora
 from fluxtrain.params import TINY
 from fluxtrain.synthetic import write_bfl
@@ -35,7 +36,7 @@ def model_and_inputs(tiny_sd):
     model = Flux(TINY)
     model.load_state_dict(tiny_sd)
     model.requires_grad_(False)
-    model.set_checkpointing(TINY.depth, TINY.depth_single_blocks)
+    model.set_recompute(TINY.depth, TINY.depth_single_blocks)
     adapters = attach_lora(model, LoRAConfig(rank=4), seed=0)
     g = torch.Generator().manual_seed(3)
     with torch.no_grad():
@@ -93,17 +94,17 @@ def test_failed_init_device_is_the_test_of_usability(monkeypatch):
     assert offload.choose_backend("cpu")[0] == "pinned"
 
 
-def test_offloading_needs_every_block_checkpointed(model_and_inputs):
+def test_offloading_needs_every_block_recomputed(model_and_inputs):
     model, _ = model_and_inputs
-    model.set_checkpointing(TINY.depth, 0)
-    with pytest.raises(ValueError, match=r"every block checkpointed.*set_checkpointing\(2, 2\)"):
+    model.set_recompute(TINY.depth, 0)
+    with pytest.raises(ValueError, match=r"every block recomputed.*set_recompute\(2, 2\)"):
         offload.install(model, "cpu")
 
 
 def test_offloaded_model_has_the_same_outputs_and_lora_grads(model_and_inputs):
     model, inputs = model_and_inputs
     resident = copy.deepcopy(model)
-    resident.set_checkpointing(0, 0)
+    resident.set_recompute(0, 0)
     ref_out, ref_grads = out_and_grads(resident, inputs)
     off = offload.install(model, "cpu")
     n = len(off.entries)
@@ -129,7 +130,7 @@ def test_offloaded_float8_compute_matches_resident_float8_compute(model_and_inpu
             if isinstance(m, FrozenLinear):
                 m.weight.data = m.weight.data.to(torch.float8_e4m3fn)
     resident = copy.deepcopy(model)
-    resident.set_checkpointing(0, 0)
+    resident.set_recompute(0, 0)
     assert fp8.enable_fp8_compute(resident, "cpu") > 0
     ref_out, ref_grads = out_and_grads(resident, inputs)
     offload.install(model, "cpu")
@@ -225,7 +226,7 @@ def test_prefetch_order_is_learnt_from_the_previous_step(model_and_inputs):
     assert any(layers[first[-1]] is m for m in model.double_blocks[0].modules())
 
 
-def test_prefetch_plan_fills_the_byte_budget_skips_resident_weights_and_wraps_around(
+def test_prefetch_plan_fills_the_byte_budget_skips_weights_in_vram_and_wraps_around(
         model_and_inputs):
     model, inputs = model_and_inputs
     off = offload.install(model, "cpu")
@@ -234,7 +235,7 @@ def test_prefetch_plan_fills_the_byte_budget_skips_resident_weights_and_wraps_ar
     order, entries = off.order, off.entries
     size = entries[order[0]].nbytes
     resident = order[1]
-    entries[resident].resident = entries[resident].host
+    entries[resident].in_vbar = True          # found room in the VBAR last time: no copy
     off.prefetch_bytes = 3 * size
     off.pos = 0
     plan = off.prefetch_plan()
@@ -279,7 +280,7 @@ def test_offloaded_weights_are_read_from_the_file_not_from_the_models_tensors(tm
     monkeypatch.setattr(offload, "read_into", counted_read)
     for sources in (stored_bytes(path), None):
         model, _ = load_flux(path)
-        model.set_checkpointing(TINY.depth, TINY.depth_single_blocks)
+        model.set_recompute(TINY.depth, TINY.depth_single_blocks)
         targets = offload.offload_targets(model)
         for _, layer in targets:     # what the file holds and what the model holds now differ
             layer.weight.data = torch.zeros_like(layer.weight)
@@ -297,7 +298,7 @@ def test_a_source_of_another_dtype_is_copied_not_read(tmp_path, tiny_sd):
     write_bfl(tiny_sd, tmp_path / "bf16.safetensors", torch.bfloat16)
     write_bfl(tiny_sd, tmp_path / "fp8.safetensors", torch.float8_e4m3fn)
     model, _ = load_flux(tmp_path / "fp8.safetensors")
-    model.set_checkpointing(TINY.depth, TINY.depth_single_blocks)
+    model.set_recompute(TINY.depth, TINY.depth_single_blocks)
     before = {n: m.weight.clone() for n, m in offload.offload_targets(model)}
     off = offload.install(model, "cpu", sources=stored_bytes(tmp_path / "bf16.safetensors"))
     assert off.read_from_file == 0
@@ -356,7 +357,7 @@ def test_too_little_host_memory_is_refused_before_anything_is_allocated(tmp_path
     path = tmp_path / "m.safetensors"
     write_bfl(tiny_sd, path, torch.float8_e4m3fn)
     model, _ = load_flux(path)
-    model.set_checkpointing(TINY.depth, TINY.depth_single_blocks)
+    model.set_recompute(TINY.depth, TINY.depth_single_blocks)
     monkeypatch.setattr(offload, "available_host_bytes", lambda: 4096)
     with pytest.raises(offload.HostMemoryError, match=r"GiB are needed, 0.0 GiB are available.*lean"):
         offload.install(model, "cpu", sources=stored_bytes(path))
@@ -401,3 +402,43 @@ def test_available_host_memory_counts_a_containers_memory_limit(tmp_path, cgroup
 
 def test_available_host_memory_is_unknown_without_proc_and_cgroups(tmp_path):
     assert offload.available_host_bytes(proc=str(tmp_path / "none"), cgroup_root=str(tmp_path)) is None
+
+
+def test_resident_blocks_fill_the_budget_and_spread_the_streamed_ones():
+    sizes = [340] * 19 + [141] * 38               # Flux's double and single blocks, MB
+    total = sum(sizes)
+    for budget in (0, total // 4, total // 2, 3 * total // 4, total - 1, total):
+        keep = offload.resident_blocks(sizes, budget)
+        kept = sum(sizes[i] for i in keep)
+        assert kept <= budget
+        assert budget - kept < 2 * 340 or budget == 0, "a block that fits was left out"
+        streamed = [i for i in range(len(sizes)) if i not in keep]
+        if 1 < len(streamed) < len(sizes) - 1:
+            gaps = [b - a for a, b in zip(streamed, streamed[1:])]
+            assert max(gaps) <= 3 * min(len(sizes) // len(streamed), len(sizes) // max(1, len(keep))) + 3, (
+                f"streamed blocks bunch together: {streamed}")
+    assert offload.resident_blocks(sizes, total) == list(range(len(sizes)))
+    assert offload.resident_blocks(sizes, 0) == []
+
+
+def test_resident_blocks_stay_in_vram_unhooked_and_the_others_stream(model_and_inputs):
+    """A budget keeps whole blocks on the device (no staging, no host copy) and streams
+    only the rest; the arithmetic is the resident model's either way."""
+    model, inputs = model_and_inputs
+    resident = copy.deepcopy(model)
+    resident.set_recompute(0, 0)
+    ref_out, ref_grads = out_and_grads(resident, inputs)
+    blocks = model.blocks()
+    sizes = [sum(m.weight.nbytes for m in b.modules() if isinstance(m, FrozenLinear)) for b in blocks]
+    off = offload.install(model, "cpu", prefer="pinned", resident_bytes=sizes[0] + sizes[-1])
+    assert len(off.kept_blocks) == 2 and off.kept_bytes == sum(sizes[i] for i in off.kept_blocks)
+    kept_layers = {id(m) for i in off.kept_blocks for m in blocks[i].modules()}
+    assert not kept_layers & set(off.entries), "a resident block's weights were offloaded"
+    assert all(m.offloader is None for i in off.kept_blocks for m in blocks[i].modules()
+               if isinstance(m, FrozenLinear))
+    stats = off.stats()
+    assert stats["resident_blocks"] == 2 and stats["streamed_blocks"] == len(blocks) - 2
+    out, grads = out_and_grads(model, inputs)
+    torch.testing.assert_close(out, ref_out)
+    for k in ref_grads:
+        torch.testing.assert_close(grads[k], ref_grads[k])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -10,42 +11,77 @@ import torch
 from fluxtrain import memory
 from fluxtrain.checkpoint import load_state_dict
 from fluxtrain.params import CheckpointError, FluxParams
-from fluxtrain.placement import (BaseTensors, SharedOffloadError, choose_plan,
-                                 load_base_for_training, room_for_transposed_weights)
+from fluxtrain.lora import LoRAConfig, trainable_parameters
+from fluxtrain.placement import (BaseTensors, DeviceInfo, SharedOffloadError, load_base_for_training,
+                                 plan_placement, room_for_transposed_weights)
 from fluxtrain.synthetic import write_bfl
 from fluxtrain.train import TrainConfig, train
 
 GIB = 2 ** 30
 FULL = FluxParams()
-JOB = dict(img_tokens=4096, txt_tokens=512, batch=1, rank=16, fp8_compute=False, compiled=False,
-           weight_bytes=1.0)
+JOB = memory.Job(FULL, img_tokens=4096, txt_tokens=512, steps=1000)
+HOPPER = DeviceInfo("cuda", 139 * GIB, (9, 0), float8_cores=True, triton=True, name="H200")
+ADA = DeviceInfo("cuda", 24 * GIB, (8, 9), float8_cores=True, triton=True, name="RTX 4090")
+CPU = DeviceInfo("cpu")
 
 
-def test_forced_modes_and_cpu_need_no_plan():
-    for mode in ("fast", "lean"):
-        assert choose_plan(mode, FULL, 80 * GIB, **JOB) is None
-    assert choose_plan("auto", FULL, None, **JOB) is None
+def cuda(free_gib: float, base: DeviceInfo = HOPPER) -> DeviceInfo:
+    return dataclasses.replace(base, free_bytes=int(free_gib * GIB))
+
+
+def test_forced_modes_and_cpu_need_no_memory_plan():
+    fast = plan_placement(JOB, TrainConfig(memory="fast"), HOPPER)
+    lean = plan_placement(JOB, TrainConfig(memory="lean"), HOPPER)
+    cpu = plan_placement(JOB, TrainConfig(memory="auto"), CPU)
+    assert (fast.recompute_double, fast.recompute_single, fast.memory) == (0, 0, None)
+    assert (lean.recompute_double, lean.recompute_single) == (FULL.depth, FULL.depth_single_blocks)
+    assert (cpu.recompute_double, cpu.recompute_single, cpu.memory, cpu.offload) == (0, 0, None, False)
 
 
 def test_auto_plan_follows_the_free_vram():
-    roomy = choose_plan("auto", FULL, 80 * GIB, **JOB)
-    tight = choose_plan("auto", FULL, 20 * GIB, **JOB)
-    small = choose_plan("auto", FULL, 10 * GIB, **JOB)
-    assert not roomy.offload and roomy.checkpoint_double + roomy.checkpoint_single == 0
-    assert not tight.offload and 0 < tight.checkpoint_double + tight.checkpoint_single
-    assert small.offload and small.resident_bytes < 12 * 10 ** 9
+    config = TrainConfig(fp8_compute=False, compile_blocks=False)
+    roomy, tight, small = (plan_placement(JOB, config, cuda(gib)) for gib in (80, 20, 10))
+    assert not roomy.offload and roomy.recompute_double + roomy.recompute_single == 0
+    assert not tight.offload and 0 < tight.recompute_double + tight.recompute_single
+    assert small.offload and 0 < small.resident_bytes < 12 * 10 ** 9
     for plan in (roomy, tight, small):
-        assert plan.predicted_peak <= plan.budget
+        assert plan.memory.predicted_peak <= plan.memory.budget
+
+
+def test_a_long_run_on_hopper_gets_every_speed_up_and_says_why():
+    plan = plan_placement(JOB, TrainConfig(), HOPPER)
+    assert (plan.compile_blocks, plan.fp8_compute, plan.cuda_graphs) == (True, True, True)
+    assert plan.fp8_keep_transposed            # 139 GiB hold the column-major copy too
+    assert "compiled blocks on" in plan.summary and "float8 on" in plan.summary
+    assert "CUDA graphs on" in plan.summary and "\n" not in plan.summary
+
+
+@pytest.mark.parametrize("device,job,config,off,why", [
+    (HOPPER, dataclasses.replace(JOB, steps=30), TrainConfig(), ("compile_blocks", "fp8_compute"),
+     "only 30 steps to go"),
+    (dataclasses.replace(HOPPER, triton=False), JOB, TrainConfig(), ("compile_blocks", "fp8_compute"),
+     "Triton is not installed"),
+    (ADA, JOB, TrainConfig(), ("fp8_compute",), "RTX 4090 has none validated"),
+    (HOPPER, JOB, TrainConfig(compile_blocks=False), ("compile_blocks", "fp8_compute"),
+     "float8 off (pays only with compiled blocks)"),
+    (HOPPER, JOB, TrainConfig(dropout=0.1), ("cuda_graphs",), "LoRA dropout"),
+    (cuda(10), JOB, TrainConfig(), ("cuda_graphs", "fp8_keep_transposed"), "weights stream from host"),
+    (HOPPER, JOB, TrainConfig(cuda_graphs=False), ("cuda_graphs",), "CUDA graphs off (switched off)"),
+    (CPU, JOB, TrainConfig(), ("compile_blocks", "fp8_compute", "cuda_graphs"), "needs a CUDA device"),
+])
+def test_each_speed_up_is_off_where_it_cannot_pay_and_the_plan_says_why(device, job, config, off, why):
+    plan = plan_placement(job, config, device)
+    for name in ("compile_blocks", "fp8_compute", "cuda_graphs"):
+        assert getattr(plan, name) == (name not in off and getattr(config, name)), name
+    assert why in plan.summary
 
 
 def test_transposed_float8_weights_are_kept_only_where_they_fit():
     # Measured on an H100 at 1024x1024 (results/2026-11-28-h100-headline.json): no
-    # checkpointing with the copy peaks at 52.5 GiB, so an 80 GB card keeps it, a 48 GB
+    # recompute with the copy peaks at 52.5 GiB, so an 80 GB card keeps it, a 48 GB
     # card does not, nor does a lean run on a 24 GB card; a CPU (no free figure) never does.
-    job = {k: v for k, v in JOB.items() if k != "fp8_compute"}
-    fast = memory.estimate(FULL, job["img_tokens"], job["txt_tokens"], checkpoint_double=0,
-                           checkpoint_single=0, fp8_compute=True, compiled=True)
-    lean = memory.estimate(FULL, job["img_tokens"], job["txt_tokens"], fp8_compute=True, compiled=True)
+    fast = memory.estimate(JOB, 0, 0, fp8_compute=True, compiled=True)
+    lean = memory.estimate(JOB, fp8_compute=True, compiled=True)
     assert room_for_transposed_weights(79 * GIB, fast)
     assert not room_for_transposed_weights(48 * GIB, fast)
     assert room_for_transposed_weights(40 * GIB, lean)
@@ -54,14 +90,25 @@ def test_transposed_float8_weights_are_kept_only_where_they_fit():
 
 
 def test_offload_mode_offloads_even_when_the_model_would_fit():
-    plan = choose_plan("offload", FULL, 80 * GIB, **JOB)
+    plan = plan_placement(JOB, TrainConfig(memory="offload"), cuda(80))
     assert plan.offload and plan.resident_bytes == 0
-    assert plan.checkpoint_double == FULL.depth and plan.checkpoint_single == FULL.depth_single_blocks
+    assert plan.recompute_double == FULL.depth and plan.recompute_single == FULL.depth_single_blocks
 
 
 def test_unknown_mode_is_named():
+    config = TrainConfig()
+    object.__setattr__(config, "memory", "swap")
     with pytest.raises(ValueError, match="memory mode 'swap' is not one of auto, fast, lean, offload"):
-        choose_plan("swap", FULL, None, **JOB)
+        plan_placement(JOB, config, CPU)
+
+
+def test_the_job_counts_the_parameters_its_targets_train():
+    everything = memory.Job(FULL, 4096, trainable_params=trainable_parameters(LoRAConfig(rank=16), FULL))
+    attention = memory.Job(FULL, 4096, trainable_params=trainable_parameters(
+        LoRAConfig(rank=16, targets="attention"), FULL))
+    assert everything.trainable == memory.lora_params(FULL, 16)
+    assert attention.trainable < everything.trainable / 2
+    assert memory.estimate(attention)["lora"] < memory.estimate(everything)["lora"]
 
 
 @pytest.fixture
@@ -82,7 +129,7 @@ def test_every_memory_mode_trains_the_same_losses(base_and_data, tmp_path, mode)
         placed = load_base_for_training(base, config, data, "cpu", log=lambda _: None)
         expected = (0, 0) if m == "fast" else (placed.model.params.depth,
                                                placed.model.params.depth_single_blocks)
-        assert (placed.model.checkpointed_double, placed.model.checkpointed_single) == expected
+        assert (placed.model.recomputed_double, placed.model.recomputed_single) == expected
         assert (placed.offloader is not None) == (m == "offload")
         if placed.offloader:   # every block weight came from the file, not from a mapped copy
             stats = placed.offloader.stats()
@@ -90,21 +137,6 @@ def test_every_memory_mode_trains_the_same_losses(base_and_data, tmp_path, mode)
         losses[m] = train(placed.model, data, config, tmp_path / m, log=lambda _: None).losses
         placed.release()
     assert losses[mode] == losses["fast"]
-
-
-def test_float8_without_compiled_blocks_is_said_to_be_slower(base_and_data, monkeypatch):
-    from fluxtrain import fp8
-    monkeypatch.setattr(fp8, "supports_fp8_matmul", lambda d: True)
-    base, data = base_and_data
-    said = {}
-    for compiled in (False, True):
-        lines = []
-        config = TrainConfig(fp8_compute=True, compile_blocks=compiled, rank=4, alpha=4.0)
-        placed = load_base_for_training(base, config, data, "cpu", log=lines.append)
-        assert "float8 matmuls in" in lines[-1]
-        said[compiled] = any("fp8_compute without compile_blocks" in line for line in lines)
-        placed.release()
-    assert said == {False: True, True: False}
 
 
 # ---------------------------------------------------------------- a base already in memory
