@@ -41,7 +41,7 @@ from torch import Tensor, nn
 from .files import atomic_write_safetensors
 from .layers import FrozenLinear, materialize_weight
 from .lora import (LoRAAdapter, LoRAConfig, LoRAConfigError, LoRAFileError, _metadata_str,
-                   _module_seed, detach_lora, kohya_name, save_lora_file, target_modules)
+                   _module_seed, kohya_name, save_lora_file, target_modules, targeted_layers)
 from .params import FluxParams, expected_shapes
 
 # ComfyUI adds its LoRA compute dtype's epsilon to DoRA's norm: float32's on the CPU
@@ -331,17 +331,8 @@ def attach_adapters(model: nn.Module, config: AdapterConfig, seed: int = 0,
     Initial weights depend only on (seed, module name), as attach_lora's (the same numbers
     for 'lora'). Adapters live on `device` (default: the layer weight's device; an offloaded
     layer's weight stays on the host); DoRA reads its frozen weight's column norms there."""
-    detach_lora(model)
-    params = getattr(model, "params", None)
-    if params is None:
-        params = FluxParams.from_state_dict({k: tuple(v.shape) for k, v in model.state_dict().items()})
-    modules = dict(model.named_modules())
     adapters = {}
-    for name in target_modules(config, params):
-        layer = modules.get(name)
-        if not isinstance(layer, FrozenLinear):
-            raise LoRAConfigError(f"model has no FrozenLinear named {name!r} (found "
-                                  f"{type(layer).__name__}); adapters need a fluxtrain Flux")
+    for name, layer in targeted_layers(model, config):
         where = torch.device(device) if device is not None else layer.weight.device
         adapter = build_adapter(layer, config, device=where)
         if where.type != "meta":

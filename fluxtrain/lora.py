@@ -248,21 +248,30 @@ def _module_seed(seed: int, name: str) -> int:
     return (seed * 1_000_003 + zlib.crc32(name.encode())) % (2 ** 63)
 
 
-def attach_lora(model: nn.Module, config: LoRAConfig, seed: int = 0) -> dict[str, LoRAAdapter]:
-    """Put a fresh LoRAAdapter in the `.lora` slot of every targeted FrozenLinear of `model`
-    (a Flux in BFL names), after emptying every slot. Returns {bfl module name: adapter}.
-    Note: while attached, model.state_dict() also holds '<module>.lora.down/up'."""
+def targeted_layers(model: nn.Module, config: LoRAConfig) -> list[tuple[str, FrozenLinear]]:
+    """(BFL name, FrozenLinear) of every layer of `model` (a Flux in BFL names) that `config`
+    targets, after emptying every adapter slot of the model."""
     detach_lora(model)
     params = getattr(model, "params", None)
     if params is None:  # a bare module tree in BFL names: read the shapes off it
         params = FluxParams.from_state_dict({k: tuple(v.shape) for k, v in model.state_dict().items()})
     modules = dict(model.named_modules())
-    adapters = {}
+    layers = []
     for name in target_modules(config, params):
         layer = modules.get(name)
         if not isinstance(layer, FrozenLinear):
             raise LoRAConfigError(f"model has no FrozenLinear named {name!r} (found "
-                                  f"{type(layer).__name__}); attach_lora expects a fluxtrain Flux")
+                                  f"{type(layer).__name__}); adapters need a fluxtrain Flux")
+        layers.append((name, layer))
+    return layers
+
+
+def attach_lora(model: nn.Module, config: LoRAConfig, seed: int = 0) -> dict[str, LoRAAdapter]:
+    """Put a fresh LoRAAdapter in the `.lora` slot of every targeted FrozenLinear of `model`
+    (a Flux in BFL names), after emptying every slot. Returns {bfl module name: adapter}.
+    Note: while attached, model.state_dict() also holds '<module>.lora.down/up'."""
+    adapters = {}
+    for name, layer in targeted_layers(model, config):
         device = layer.weight.device
         adapter = LoRAAdapter(layer.in_features, layer.out_features, config.rank, config.alpha,
                               config.dropout, device=device)
