@@ -29,7 +29,6 @@ targets the whole fused weight, as ComfyUI maps it.
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from typing import Mapping
@@ -40,8 +39,8 @@ from torch import Tensor, nn
 
 from .files import atomic_write_safetensors
 from .layers import FrozenLinear, materialize_weight
-from .lora import (LoRAAdapter, LoRAConfig, LoRAConfigError, LoRAFileError, _metadata_str,
-                   _module_seed, kohya_name, save_lora_file, target_modules, targeted_layers)
+from .lora import (LoRAAdapter, LoRAConfig, LoRAConfigError, LoRAFileError, _module_seed,
+                   check_file_dtype, file_metadata, kohya_name, save_lora_file, target_modules, targeted_layers)
 from .params import FluxParams, expected_shapes
 
 # ComfyUI adds its LoRA compute dtype's epsilon to DoRA's norm: float32's on the CPU
@@ -400,21 +399,10 @@ def save_adapter_file(path, adapters: Mapping[str, nn.Module], config: AdapterCo
     metadata for LyCORIS networks and the recipe."""
     if config.adapter == "lora":
         return save_lora_file(path, adapters, config.lora_config(), metadata, dtype)
-    if dtype not in (torch.bfloat16, torch.float16, torch.float32):
-        raise LoRAConfigError(f"adapter file dtype {dtype} unsupported; use bfloat16, float16 or float32")
+    check_file_dtype(dtype)
     tensors = {k: (v if k.rsplit(".", 1)[-1] in FLOAT32_SUFFIXES else v.to(dtype)).contiguous()
                for k, v in adapter_state_dict(adapters).items()}
-    meta = {_metadata_str(k): _metadata_str(v) for k, v in (metadata or {}).items()}
-    meta.update({
-        "ss_network_module": "lycoris.kohya",
-        "ss_network_args": json.dumps(network_args(config), sort_keys=True),
-        "ss_network_dim": str(config.rank),
-        "ss_network_alpha": _metadata_str(config.alpha),
-        "ss_network_dropout": _metadata_str(config.dropout),
-        "ss_base_model_version": "flux1",
-        "fluxtrain_lora": json.dumps(config.to_dict(), sort_keys=True),
-        "fluxtrain_modules": str(len(adapters)),
-    })
+    meta = file_metadata(metadata, config, len(adapters), "lycoris.kohya", args=network_args(config))
     return atomic_write_safetensors(tensors, path, meta)
 
 

@@ -352,20 +352,33 @@ def save_lora_file(path, adapters: Mapping[str, LoRAAdapter], config: LoRAConfig
     float32 is exact (resume uses lora_state_dict, never this file). `metadata` values that
     are not strings are JSON-encoded; pass names and hashes, never paths: this function adds
     none (the file name is not recorded)."""
+    check_file_dtype(dtype)
+    tensors = {k: (v if k.endswith(".alpha") else v.to(dtype)) for k, v in lora_state_dict(adapters).items()}
+    return atomic_write_safetensors(tensors, path, file_metadata(metadata, config, len(adapters),
+                                                                 "networks.lora_flux"))
+
+
+def check_file_dtype(dtype: torch.dtype) -> None:
     if dtype not in (torch.bfloat16, torch.float16, torch.float32):
         raise LoRAConfigError(f"LoRA file dtype {dtype} unsupported; use bfloat16, float16 or float32")
-    tensors = {k: (v if k.endswith(".alpha") else v.to(dtype)) for k, v in lora_state_dict(adapters).items()}
+
+
+def file_metadata(metadata: Mapping | None, config: LoRAConfig, modules: int, network_module: str,
+                  **network) -> dict[str, str]:
+    """`metadata` as strings plus kohya's network keys (ss_*, and any `network` ones) and
+    the config (fluxtrain_lora), as every adapter file of ours carries them."""
     meta = {_metadata_str(k): _metadata_str(v) for k, v in (metadata or {}).items()}
     meta.update({
-        "ss_network_module": "networks.lora_flux",
+        "ss_network_module": network_module,
+        **{f"ss_network_{k}": json.dumps(v, sort_keys=True) for k, v in network.items()},
         "ss_network_dim": str(config.rank),
         "ss_network_alpha": _metadata_str(config.alpha),
         "ss_network_dropout": _metadata_str(config.dropout),
         "ss_base_model_version": "flux1",
         "fluxtrain_lora": json.dumps(config.to_dict(), sort_keys=True),
-        "fluxtrain_modules": str(len(adapters)),
+        "fluxtrain_modules": str(modules),
     })
-    return atomic_write_safetensors(tensors, path, meta)
+    return meta
 
 
 def load_lora_file(path) -> tuple[dict[str, Tensor], dict[str, str]]:
