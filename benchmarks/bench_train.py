@@ -23,7 +23,9 @@ of fluxtrain.fp8.Fp8Recipe), fp8_keep_transposed, fp8_backward, compile, graphs,
 other_sizes (resolutions stepped twice each before the timed one, as a dataset with
 several buckets does), prepare_graphs (default true: with graphs, every size's graph is
 captured up front as train() does; false captures each size when first stepped),
-compile_dynamic (compile_blocks' `dynamic`), profile, random_up, grads_file, resident_gb.
+compile_dynamic (compile_blocks' `dynamic`), profile, random_up, grads_file, resident_gb,
+adapter / lokr_factor / lokr_full_matrix (TrainConfig's; FLOPs are counted as a LoRA's).
+Every result records file_bytes, the size of the adapter file training would write.
 
 FLOPs (for MFU) are counted exactly per matmul, model FLOPs only: each frozen
 linear 2*M*K*N forward + 2*M*K*N input-gradient (no weight gradient: the base is
@@ -38,6 +40,8 @@ dense bf16 peak (989.4 TFLOP/s for H100 SXM / H200).
 from __future__ import annotations
 
 import argparse
+import os
+import tempfile
 import json
 import statistics
 import subprocess
@@ -158,7 +162,7 @@ def run_config(cfg: dict) -> dict:
 
     import torch
     from fluxtrain import fp8, memory
-    from fluxtrain.lora import attach_lora, trainable_parameters
+    from fluxtrain.adapters import adapter_cost, attach_adapters, save_adapter_file
     from fluxtrain.placement import (DeviceInfo, apply_placement, compile_blocks,
                                      plan_placement)
     from fluxtrain.train import (MicroStep, TrainConfig, make_optimizer, optimizer_step,
@@ -184,9 +188,12 @@ def run_config(cfg: dict) -> dict:
     config = TrainConfig(rank=cfg["rank"], alpha=float(cfg["rank"]), targets="all", seed=0,
                          memory="offload" if mode == "lean" and offload_kind != "none" else mode,
                          learning_rate=cfg.get("lr", 1e-4), fp8_compute=cfg["compute"] == "fp8",
-                         compile_blocks=bool(cfg.get("compile")), cuda_graphs=bool(cfg.get("graphs")))
-    job = memory.Job(params, img_tokens, txt_tokens, 1,
-                     trainable_parameters(config.lora_config(), params), 1.0, steps=1000)
+                         compile_blocks=bool(cfg.get("compile")), cuda_graphs=bool(cfg.get("graphs")),
+                         adapter=cfg.get("adapter", "lora"), lokr_factor=cfg.get("lokr_factor", 16),
+                         lokr_full_matrix=cfg.get("lokr_full_matrix", True))
+    cost = adapter_cost(config.adapter_config(), params)
+    job = memory.Job(params, img_tokens, txt_tokens, 1, cost.parameters, 1.0, steps=1000,
+                     extra_units=cost.extra_units, extra_block_elements=cost.extra_block_elements)
     # The benchmark asks for its switches by name: each is on when asked and possible here.
     plan = plan_placement(job, config, dataclasses.replace(probed, free_bytes=free_at_start)
                           if cuda else probed)
@@ -206,9 +213,8 @@ def run_config(cfg: dict) -> dict:
     model.requires_grad_(False)
     build_s = time.perf_counter() - t0
 
-    adapters = attach_lora(model, config.lora_config(), seed=config.seed)
+    adapters = attach_adapters(model, config.adapter_config(), seed=config.seed, device=device)
     for a in adapters.values():
-        a.to(device)
         if cfg.get("random_up"):  # nonzero up: every LoRA factor gets a gradient
             with torch.no_grad():
                 gen = torch.Generator(device=device).manual_seed(1)
@@ -315,6 +321,10 @@ def run_config(cfg: dict) -> dict:
                           resident_bytes=(offloader.stats()["resident_bytes"] if offloader else None),
                           fp8_compute=cfg["compute"] == "fp8", compiled=bool(cfg.get("compile")))
     out["predicted_peak_gib"] = est["total"] / 2**30
+    # the adapter file as training writes it (bf16; alpha and DoRA's magnitude float32)
+    with tempfile.TemporaryDirectory() as folder:
+        written = save_adapter_file(Path(folder) / "adapter.safetensors", adapters, config.adapter_config())
+        out["file_bytes"] = os.path.getsize(written)
     out["predicted"] = {k: v / 2**30 for k, v in est.items()}
     return out
 
@@ -482,6 +492,8 @@ def table(results: list[dict]) -> str:
         comp = (r["compute"] + ("-fw" if r["compute"] == "fp8" and r.get("fp8_backward") is False
                                 else "") + ("T" if r.get("fp8_keep_transposed") else "")
                 + ("+c" if r.get("compile") else "") + ("+g" if r.get("graphs") else ""))
+        if r.get("adapter", "lora") != "lora":
+            comp += f" {r['adapter']}"
         head = (f"{r['resolution']:<4} {r['mode']:<4} {comp:<8} {r.get('offload','none'):<7}"
                 f" {str(r.get('free_gb') or '-'):>4} |")
         if "error" in r:
@@ -491,7 +503,8 @@ def table(results: list[dict]) -> str:
         rows.append(head + f" {r['s_per_step']:.3f} {mfu} {r['achieved_tflops']:6.0f} |"
                     f" {r['peak_vram_allocated_gib']:5.1f} {r['peak_vram_reserved_gib']:5.1f}"
                     f" {r.get('predicted_peak_gib', 0):5.1f}    |"
-                    f" {r['peak_host_rss_gib']:4.1f} | {_grads(r)}")
+                    f" {r['peak_host_rss_gib']:4.1f} | {_grads(r)}"
+                    + (f" | file {r['file_bytes'] / 2**20:.0f} MiB" if r.get("file_bytes") else ""))
     return "\n".join(rows + peer_ratios(results))
 
 
@@ -570,7 +583,7 @@ def main():
         r = run_child(cfg, args.timeout)
         results.append(r)
         brief = {k: r.get(k) for k in ("resolution", "mode", "compute", "offload", "free_gb",
-                                       "s_per_step", "peak_vram_allocated_gib", "error")}
+                                       "s_per_step", "peak_vram_allocated_gib", "file_bytes", "error")}
         print(json.dumps(brief), flush=True)
         if args.out:
             _write(args.out, args, results)

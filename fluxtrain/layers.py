@@ -56,8 +56,11 @@ class _FrozenLinearFn(torch.autograd.Function):
 class FrozenLinear(nn.Module):
     """A Linear whose base weight is frozen and may be stored in float8.
 
-    `lora`, when set, is a module mapping the layer input to a delta of the
-    output (see fluxtrain.lora). Computation runs in the dtype of the input.
+    `lora`, when set, is an adapter module mapping the layer input to a delta of the
+    output (fluxtrain.lora, fluxtrain.adapters). An adapter that also has
+    `input_scale(weight, weight_scale, dtype)` (DoRA's magnitude per input column) gets
+    the layer input multiplied by 1 + that first, for the base matmul and itself alike.
+    Computation runs in the dtype of the input.
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True,
@@ -101,6 +104,9 @@ class FrozenLinear(nn.Module):
                         None if bias is None else bias.to(x.dtype))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        input_scale = getattr(self.lora, "input_scale", None)
+        if input_scale is not None:
+            x = x + x * input_scale(*self.fetch_weight(), x.dtype)
         if torch.is_grad_enabled() and x.requires_grad:
             y = _FrozenLinearFn.apply(x, self, self.bias)
         else:

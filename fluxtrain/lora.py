@@ -248,21 +248,30 @@ def _module_seed(seed: int, name: str) -> int:
     return (seed * 1_000_003 + zlib.crc32(name.encode())) % (2 ** 63)
 
 
-def attach_lora(model: nn.Module, config: LoRAConfig, seed: int = 0) -> dict[str, LoRAAdapter]:
-    """Put a fresh LoRAAdapter in the `.lora` slot of every targeted FrozenLinear of `model`
-    (a Flux in BFL names), after emptying every slot. Returns {bfl module name: adapter}.
-    Note: while attached, model.state_dict() also holds '<module>.lora.down/up'."""
+def targeted_layers(model: nn.Module, config: LoRAConfig) -> list[tuple[str, FrozenLinear]]:
+    """(BFL name, FrozenLinear) of every layer of `model` (a Flux in BFL names) that `config`
+    targets, after emptying every adapter slot of the model."""
     detach_lora(model)
     params = getattr(model, "params", None)
     if params is None:  # a bare module tree in BFL names: read the shapes off it
         params = FluxParams.from_state_dict({k: tuple(v.shape) for k, v in model.state_dict().items()})
     modules = dict(model.named_modules())
-    adapters = {}
+    layers = []
     for name in target_modules(config, params):
         layer = modules.get(name)
         if not isinstance(layer, FrozenLinear):
             raise LoRAConfigError(f"model has no FrozenLinear named {name!r} (found "
-                                  f"{type(layer).__name__}); attach_lora expects a fluxtrain Flux")
+                                  f"{type(layer).__name__}); adapters need a fluxtrain Flux")
+        layers.append((name, layer))
+    return layers
+
+
+def attach_lora(model: nn.Module, config: LoRAConfig, seed: int = 0) -> dict[str, LoRAAdapter]:
+    """Put a fresh LoRAAdapter in the `.lora` slot of every targeted FrozenLinear of `model`
+    (a Flux in BFL names), after emptying every slot. Returns {bfl module name: adapter}.
+    Note: while attached, model.state_dict() also holds '<module>.lora.down/up'."""
+    adapters = {}
+    for name, layer in targeted_layers(model, config):
         device = layer.weight.device
         adapter = LoRAAdapter(layer.in_features, layer.out_features, config.rank, config.alpha,
                               config.dropout, device=device)
@@ -343,20 +352,33 @@ def save_lora_file(path, adapters: Mapping[str, LoRAAdapter], config: LoRAConfig
     float32 is exact (resume uses lora_state_dict, never this file). `metadata` values that
     are not strings are JSON-encoded; pass names and hashes, never paths: this function adds
     none (the file name is not recorded)."""
+    check_file_dtype(dtype)
+    tensors = {k: (v if k.endswith(".alpha") else v.to(dtype)) for k, v in lora_state_dict(adapters).items()}
+    return atomic_write_safetensors(tensors, path, file_metadata(metadata, config, len(adapters),
+                                                                 "networks.lora_flux"))
+
+
+def check_file_dtype(dtype: torch.dtype) -> None:
     if dtype not in (torch.bfloat16, torch.float16, torch.float32):
         raise LoRAConfigError(f"LoRA file dtype {dtype} unsupported; use bfloat16, float16 or float32")
-    tensors = {k: (v if k.endswith(".alpha") else v.to(dtype)) for k, v in lora_state_dict(adapters).items()}
+
+
+def file_metadata(metadata: Mapping | None, config: LoRAConfig, modules: int, network_module: str,
+                  **network) -> dict[str, str]:
+    """`metadata` as strings plus kohya's network keys (ss_*, and any `network` ones) and
+    the config (fluxtrain_lora), as every adapter file of ours carries them."""
     meta = {_metadata_str(k): _metadata_str(v) for k, v in (metadata or {}).items()}
     meta.update({
-        "ss_network_module": "networks.lora_flux",
+        "ss_network_module": network_module,
+        **{f"ss_network_{k}": json.dumps(v, sort_keys=True) for k, v in network.items()},
         "ss_network_dim": str(config.rank),
         "ss_network_alpha": _metadata_str(config.alpha),
         "ss_network_dropout": _metadata_str(config.dropout),
         "ss_base_model_version": "flux1",
         "fluxtrain_lora": json.dumps(config.to_dict(), sort_keys=True),
-        "fluxtrain_modules": str(len(adapters)),
+        "fluxtrain_modules": str(modules),
     })
-    return atomic_write_safetensors(tensors, path, meta)
+    return meta
 
 
 RUN_ID_KEY = "fluxtrain_run_id"   # metadata: the identity of the run that wrote the file

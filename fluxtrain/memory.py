@@ -157,6 +157,11 @@ class Job:
     trainable_params: int | None = None   # None: a rank-16 LoRA on every block Linear
     weight_bytes: float = 1.0         # bytes per stored weight (1 float8, 2 bf16)
     steps: int = 1000                 # optimizer steps still to train
+    # What an adapter other than LoRA keeps for backward beyond a LoRA's (fluxtrain.adapters.
+    # adapter_cost): hidden-state rows per token, and elements per block whatever the tokens,
+    # each for (double, single) blocks.
+    extra_units: tuple[float, float] = (0.0, 0.0)
+    extra_block_elements: tuple[float, float] = (0.0, 0.0)
 
     @property
     def trainable(self) -> int:
@@ -174,6 +179,7 @@ def estimate(job: Job, recompute_double: int | None = None, recompute_single: in
     p, batch = job.params, job.batch
     tokens = job.img_tokens + job.txt_tokens
     double_units, single_units = activation_units(compiled, fp8_compute, tokens)
+    double_units, single_units = double_units + job.extra_units[0], single_units + job.extra_units[1]
     cd = p.depth if recompute_double is None else recompute_double
     cs = p.depth_single_blocks if recompute_single is None else recompute_single
     row = p.hidden_size * 2 * batch            # one token of hidden state, bf16
@@ -190,7 +196,9 @@ def estimate(job: Job, recompute_double: int | None = None, recompute_single: in
     saved = row * tokens * (cd * 1 + cs * 1
                             + (p.depth - cd) * double_units
                             + (p.depth_single_blocks - cs) * single_units)
-    transient = row * tokens * TRANSIENT_UNITS if cd + cs > 0 else 0.0
+    saved += 2 * ((p.depth - cd) * job.extra_block_elements[0]
+                  + (p.depth_single_blocks - cs) * job.extra_block_elements[1])
+    transient = row * tokens * (TRANSIENT_UNITS + max(job.extra_units)) if cd + cs > 0 else 0.0
     # The bf16 cast of the largest weight (the float8 path: its transposed copy).
     cast = largest * (1 if fp8_compute else 2 / job.weight_bytes)
     total = weights + streaming + lora + saved + transient + cast

@@ -34,7 +34,7 @@ from . import fp8, memory, offload
 from .checkpoint import (CheckpointInfo, describe_checkpoint, describe_state_dict,
                          flux_from_state_dict, load_flux, stored_bytes)
 from .flux import Flux
-from .lora import trainable_parameters
+from .adapters import adapter_cost
 from .train import MEMORY_MODES
 
 # Compiling the blocks takes about a minute on the first run (seconds once torch's
@@ -115,9 +115,10 @@ class PlacementPlan:
 
 def job_for(params, config, dataset, weight_bytes: float, steps_left: int | None = None) -> memory.Job:
     """The planner's view of a training run on `dataset` with `config`."""
+    cost = adapter_cost(config.adapter_config(), params)
     return memory.Job(params, largest_image_tokens(dataset), dataset.text_length, config.batch_size,
-                      trainable_parameters(config.lora_config(), params), weight_bytes,
-                      config.steps if steps_left is None else steps_left)
+                      cost.parameters, weight_bytes, config.steps if steps_left is None else steps_left,
+                      cost.extra_units, cost.extra_block_elements)
 
 
 def largest_image_tokens(dataset) -> int:

@@ -27,8 +27,9 @@ from . import __version__
 from .dataset import BucketBatchSampler, EncodedDataset, collate
 from .flux import Flux, pack_latents, text_ids
 from .graphs import GraphCaptureFailed, StepGraphs, graph_unavailable_reason
-from .lora import (RUN_ID_KEY, LoRAConfig, attach_lora, check_lora_replaceable, load_lora_state_dict,
-                   lora_state_dict, save_lora_file)
+from .adapters import (ADAPTERS, AdapterConfig, adapter_state_dict, attach_adapters,
+                       load_adapter_state_dict, save_adapter_file)
+from .lora import RUN_ID_KEY, LoRAConfig, check_lora_replaceable
 from .state import (TrainingState, check_same_inputs, latest_state_info, load_latest_state,
                     record_inputs, run_identity, run_label, save_state)
 from .timesteps import METHODS as TIMESTEP_METHODS, sample_timesteps
@@ -94,6 +95,17 @@ class TrainConfig:
                                 "possible (CUDA, weights resident, no LoRA dropout): removes the launch "
                                 "overhead that dominates small images; every image size is captured "
                                 "before the first step, a few seconds each. Off: never")
+    adapter: str = setting("lora", "what is trained on each targeted layer: lora (two low-rank factors); "
+                           "lokr (Kronecker product of a small and a large factor, lokr_factor and "
+                           "lokr_full_matrix; often a fraction of LoRA's file); loha (Hadamard product "
+                           "of two rank-`rank` pairs); dora (LoRA plus a trained magnitude per input "
+                           "column). All load in ComfyUI's standard LoRA loader",
+                           choices=tuple(ADAPTERS))
+    lokr_factor: int = setting(16, "LoKr: each dimension is split as factor x rest (3072 = 16 x 192); "
+                               "-1 splits as evenly as possible (48 x 64)", min=-1, max=4096)
+    lokr_full_matrix: bool = setting(True, "LoKr: the large Kronecker factor is a full matrix (scale 1, "
+                                     "alpha unused, as in LyCORIS); off: a rank-`rank` product scaled by "
+                                     "alpha / rank")
 
     def __post_init__(self):
         for f in fields(self):
@@ -102,10 +114,17 @@ class TrainConfig:
                 raise ValueError(f"{f.name} {value!r} is not one of {', '.join(meta['choices'])}")
             if "min" in meta and not meta["min"] <= value <= meta["max"]:
                 raise ValueError(f"{f.name} must be between {meta['min']} and {meta['max']}, got {value}")
+        if self.lokr_factor == 0:
+            raise ValueError("lokr_factor 0 splits nothing: use -1 (as evenly as possible) or a factor >= 1")
         self.lora_config()      # a targets value that names no layer set fails here, not later
 
     def lora_config(self) -> LoRAConfig:
         return LoRAConfig(rank=self.rank, alpha=self.alpha, dropout=self.dropout, targets=self.targets)
+
+    def adapter_config(self) -> AdapterConfig:
+        return AdapterConfig(rank=self.rank, alpha=self.alpha, dropout=self.dropout, targets=self.targets,
+                             adapter=self.adapter, lokr_factor=self.lokr_factor,
+                             lokr_full_matrix=self.lokr_full_matrix)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -333,9 +352,8 @@ def train(model: Flux, dataset: EncodedDataset, config: TrainConfig, run_dir: Pa
     if inputs is not None:
         record_inputs(run_dir, inputs)
     model.requires_grad_(False)
-    adapters = attach_lora(model, config.lora_config(), seed=config.seed)
-    for adapter in adapters.values():     # offloaded layers keep their weight on the host
-        adapter.to(device)
+    # on the compute device also where an offloaded layer keeps its weight on the host
+    adapters = attach_adapters(model, config.adapter_config(), seed=config.seed, device=device)
     params = [p for a in adapters.values() for p in a.parameters()]
     optimizer = make_optimizer(config, params, device)
     micro_step = MicroStep(model, params, config, device, log)
@@ -344,7 +362,7 @@ def train(model: Flux, dataset: EncodedDataset, config: TrainConfig, run_dir: Pa
     start, losses = 0, []
     resumed = load_latest_state(run_dir)
     if resumed is not None:
-        load_lora_state_dict(adapters, resumed.lora)
+        load_adapter_state_dict(adapters, resumed.lora)
         optimizer.load_state_dict(resumed.optimizer)
         sampler.load_state_dict(resumed.sampler)
         start, losses = resumed.step, list(resumed.losses)
@@ -353,7 +371,7 @@ def train(model: Flux, dataset: EncodedDataset, config: TrainConfig, run_dir: Pa
 
     def checkpoint(step: int) -> Path:
         return save_state(run_dir, TrainingState(
-            step=step, lora=lora_state_dict(adapters), optimizer=optimizer.state_dict(),
+            step=step, lora=adapter_state_dict(adapters), optimizer=optimizer.state_dict(),
             sampler=sampler.state_dict(), config=config.to_dict(), losses=losses))
 
     state_path = resumed.path if resumed else None
@@ -408,7 +426,7 @@ def train(model: Flux, dataset: EncodedDataset, config: TrainConfig, run_dir: Pa
         state_path = checkpoint(config.steps)
     if lora_path is not None:
         metadata = {**lora_metadata(config, dataset, base_metadata or {}), RUN_ID_KEY: run_id}
-        save_lora_file(lora_path, adapters, config.lora_config(), metadata)
+        save_adapter_file(lora_path, adapters, config.adapter_config(), metadata)
         log(f"[fluxtrain] LoRA written to {Path(lora_path).name}")
     return TrainResult(config.steps, losses, False, lora_path, state_path, config)
 

@@ -7,6 +7,7 @@ import torch
 
 from fluxtrain import memory
 from fluxtrain.flux import Flux
+from fluxtrain.adapters import AdapterConfig, attach_adapters
 from fluxtrain.lora import LoRAConfig, attach_lora
 from fluxtrain.params import FluxParams, expected_shapes
 
@@ -14,9 +15,10 @@ FLUX = FluxParams()
 GB = 10 ** 9
 
 
-def saved_units(block_kind: str) -> float:
-    """Bytes autograd saves for one block (LoRA on every Linear), in hidden-state
-    rows (bf16) per token. Head dim 128 as in Flux; width 256 keeps it quick."""
+def saved_units(block_kind: str, adapter: AdapterConfig = AdapterConfig(rank=16)) -> float:
+    """Bytes autograd saves for one block (`adapter`, by default a rank-16 LoRA, on every
+    Linear), in hidden-state rows (bf16) per token. Head dim 128 as in Flux; width 256
+    keeps it quick."""
     h = 256
     p = FluxParams(vec_in_dim=32, context_in_dim=48, hidden_size=h, num_heads=2, depth=1,
                    depth_single_blocks=1)
@@ -25,7 +27,7 @@ def saved_units(block_kind: str) -> float:
         for t in model.parameters():
             t.copy_(torch.randn(t.shape) * 0.05)
     model.requires_grad_(False)
-    attach_lora(model, LoRAConfig(rank=16), seed=0)
+    attach_adapters(model, adapter, seed=0)
     n_img, n_txt = 64, 32
     params = {t.untyped_storage().data_ptr() for t in model.parameters()}
     seen = {}
