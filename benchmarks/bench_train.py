@@ -162,6 +162,7 @@ def run_config(cfg: dict) -> dict:
 
     import torch
     from fluxtrain import fp8, memory
+    from fluxtrain.layers import enable_fp8_compute
     from fluxtrain.adapters import adapter_cost, attach_adapters, save_adapter_file
     from fluxtrain.placement import (DeviceInfo, apply_placement, compile_blocks,
                                      plan_placement)
@@ -224,8 +225,8 @@ def run_config(cfg: dict) -> dict:
     if plan.compile_blocks and cfg.get("compile_dynamic") is not None:
         compile_blocks(model, dynamic=cfg["compile_dynamic"])
     if plan.fp8_compute and cfg.get("fp8_backward") is False:   # float8 forward only
-        fp8.enable_fp8_compute(model, device, backward=False, recipe=plan.fp8_recipe)
-    n_fp8 = sum(getattr(m, "fp8_compute", False) for m in model.modules())
+        enable_fp8_compute(model, device, backward=False, recipe=plan.fp8_recipe)
+    n_fp8 = sum(getattr(m, "fp8", None) is not None for m in model.modules())
     lora_params = [p for a in adapters.values() for p in a.parameters()]
     optimizer = make_optimizer(config, lora_params, device)
     micro_step = MicroStep(model, lora_params, config, device)

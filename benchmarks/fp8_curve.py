@@ -96,6 +96,7 @@ from bench_train import random_fp8_model  # noqa: E402
 from fluxtrain import fp8  # noqa: E402
 from fluxtrain.files import atomic_write_bytes  # noqa: E402
 from fluxtrain.flux import Flux  # noqa: E402
+from fluxtrain.layers import enable_fp8_compute  # noqa: E402
 from fluxtrain.lora import LoRAConfig, attach_lora  # noqa: E402
 from fluxtrain.params import FluxParams  # noqa: E402
 from fluxtrain.train import (MicroStep, TrainConfig, make_optimizer, flow_inputs,  # noqa: E402
@@ -154,14 +155,14 @@ def enable_fp8(model, device, recipe_text: str | None) -> int:
 
     from fluxtrain.layers import FrozenLinear
     if recipe_text is None:
-        return fp8.enable_fp8_compute(model, device, enabled=False)
+        return enable_fp8_compute(model, device, enabled=False)
     recipe, only = parse_recipe(recipe_text)
     layers = None
     if only is not None:
         pattern = re.compile(LAYER_CLASSES[only])
         layers = [m for name, m in model.named_modules()
                   if isinstance(m, FrozenLinear) and pattern.search(name)]
-    return fp8.enable_fp8_compute(model, device, recipe=recipe, layers=layers)
+    return enable_fp8_compute(model, device, recipe=recipe, layers=layers)
 
 
 # ---------------------------------------------------------------- pieces
@@ -329,7 +330,7 @@ def run_one(model, device, compute: str, seed: int, args, teacher_items, eval_it
 
     eval_bf16 = None
     if n_fp8:                      # the same LoRAs, measured on the bf16-cast path
-        fp8.enable_fp8_compute(model, device, enabled=False)
+        enable_fp8_compute(model, device, enabled=False)
         eval_bf16 = []
         for snap in snapshots:
             with torch.no_grad():
@@ -337,7 +338,7 @@ def run_one(model, device, compute: str, seed: int, args, teacher_items, eval_it
                     a.down.copy_(snap[n][0])
                     a.up.copy_(snap[n][1])
             eval_bf16.append(eval_loss(model, eval_items, config))
-    fp8.enable_fp8_compute(model, device, enabled=False)
+    enable_fp8_compute(model, device, enabled=False)
     snapshots.clear()              # the adapters and optimizer state go when this returns
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -555,7 +556,7 @@ def main(argv=None):
     # Teacher, calibrated on the bf16-cast path (fp8 off), then its targets. The base's
     # outputs are the teacher's at rho = 0 (up = 0): the same code path, one compiled
     # variant less.
-    fp8.enable_fp8_compute(model, device, enabled=False)
+    enable_fp8_compute(model, device, enabled=False)
     lora_config = LoRAConfig(rank=args.rank, alpha=float(args.rank), targets="all")
     teacher = Teacher(model, lora_config, device)
     set_slots(model, teacher.adapters)

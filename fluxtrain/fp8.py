@@ -16,10 +16,9 @@ per row (token). The base weight is frozen, so no weight gradient is ever needed
 the LoRA path runs in bf16 elsewhere. `Fp8Recipe` holds the choices that trade
 speed against the float8 forward's error (benchmarks/NOTES.md measures them).
 
-`enable_fp8_compute(model, device)` turns it on for the FrozenLinears whose
-weight is float8_e4m3fn (by default only the model's `token_linears()`), and
-only where the device supports it; passing `enabled=False` turns it off (the
-bf16-cast path is then used everywhere).
+This module holds the kernels and the recipe only; a layer's float8 state, and
+turning it on for a model (`fluxtrain.layers.enable_fp8_compute`), belong to
+FrozenLinear.
 """
 
 from __future__ import annotations
@@ -168,15 +167,6 @@ def grad_input_fp8(grad_out: torch.Tensor, weight: torch.Tensor, w_scale: torch.
     return dx.reshape(*grad_out.shape[:-1], weight.shape[1])
 
 
-def fp8_eligible(layer) -> bool:
-    """A FrozenLinear can run in float8 when its stored weight is e4m3 with a
-    per-tensor (or no) scale and both sizes are multiples of 16."""
-    w = layer.weight
-    s = getattr(layer, "weight_scale", None)
-    return (w.dtype == E4M3 and w.dim() == 2 and w.shape[0] % 16 == 0
-            and w.shape[1] % 16 == 0 and (s is None or s.numel() == 1))
-
-
 _ROWWISE: dict[tuple, bool] = {}   # (device, first operand dtype) -> per-row scales work
 
 
@@ -198,45 +188,3 @@ def rowwise_supported(device, first: torch.dtype = E4M3) -> bool:
                      "per-tensor scales are used there", first, device, str(e).splitlines()[0])
             _ROWWISE[key] = False
     return _ROWWISE[key]
-
-
-def enable_fp8_compute(model: torch.nn.Module, device=None, enabled: bool = True,
-                       backward: bool = True, keep_transposed: bool = False,
-                       recipe: Fp8Recipe = Fp8Recipe(), layers=None) -> int:
-    """Route the frozen matmuls of `model` through float8 tensor cores where the
-    device supports it. Returns how many layers now compute in float8 (0 when
-    disabled or unsupported). Safe to call again to switch off. `backward=False`
-    keeps the input-gradient matmul on the bf16-cast path (forward and recompute
-    stay float8). `keep_transposed` keeps a column-major copy of every resident
-    float8 weight for the input-gradient (one more byte per weight, ~12 GB for
-    Flux) instead of transposing each weight in every backward. `recipe` sets the
-    scaling granularity, the accumulation and which layers run in float8; per-row
-    scales fall back to per-tensor ones where the device has no per-row kernel.
-    `layers` (FrozenLinears of `model`) overrides the recipe's choice of layers."""
-    from .layers import FrozenLinear
-
-    if device is None:
-        device = next((p.device for p in model.parameters()), torch.device("cpu"))
-    on = bool(enabled) and supports_fp8_matmul(device)
-    if enabled and not on:
-        log.info("fluxtrain: float8 compute unavailable on %s; using the bf16-cast path", device)
-    if on and recipe.rowwise and not rowwise_supported(device, E4M3):
-        recipe = dataclasses.replace(recipe, rowwise=False)
-    grad_rowwise = on and backward and recipe.rowwise and rowwise_supported(device, E5M2)
-    if layers is None and not recipe.all_layers and hasattr(model, "token_linears"):
-        layers = model.token_linears()
-    scope = None if layers is None else {id(m) for m in layers}
-    count = 0
-    for module in model.modules():
-        if isinstance(module, FrozenLinear):
-            module.fp8_recipe = recipe
-            module.fp8_grad_rowwise = grad_rowwise
-            module.fp8_compute = (on and fp8_eligible(module)
-                                  and (scope is None or id(module) in scope))
-            module.fp8_backward = module.fp8_compute and backward
-            module.fp8_weight_scale = (weight_scale_f32(module.weight, module.weight_scale, device)
-                                       if module.fp8_compute else None)
-            module.fp8_weight_t = (column_major(module.weight) if module.fp8_backward
-                                   and keep_transposed and module.offloader is None else None)
-            count += module.fp8_compute
-    return count

@@ -44,7 +44,7 @@ def graph_unavailable_reason(model: torch.nn.Module, device: torch.device,
         return f"CUDA graphs need a CUDA device, this run is on {torch.device(device).type}"
     if lora_dropout:
         return "LoRA dropout draws a new random mask every step, which a graph cannot replay"
-    if any(isinstance(m, FrozenLinear) and m.offloader is not None for m in model.modules()):
+    if any(isinstance(m, FrozenLinear) and m.streamed is not None for m in model.modules()):
         return "offloaded weights are fetched by host-side decisions that a graph cannot replay"
     return None
 

@@ -5,7 +5,7 @@ FrozenLinear inside the transformer blocks gets its weight moved to one page-loc
 host buffer (`HostArena`), read there straight from the checkpoint file when the
 model came from one. Around each run of a block (its forward, and its recompute in backward:
 offloading needs every block recomputed) a forward pre-hook stages a fresh device
-copy of each of its weights in `layer.staged_weight`, and the forward hook drops
+copy of each of its weights in `layer.streamed.staged`, and the forward hook drops
 those references again. Backward uses the weights saved by the recompute, so each
 weight is brought in twice per step, and only one block's weights are held while
 that block is differentiated. Staging happens outside the layers' arithmetic: in
@@ -51,7 +51,7 @@ import torch
 from torch import nn
 
 from .checkpoint import TensorMeta, read_into
-from .layers import FrozenLinear
+from .layers import FrozenLinear, Streamed
 from .memory import OFFLOAD_PREFETCH_BYTES as PREFETCH_BYTES
 
 log = logging.getLogger(__name__)
@@ -364,7 +364,7 @@ class Offloader:
         self._drop_staged()
         self.staged = self.block_layers[id(block)]
         for layer in self.staged:
-            layer.staged_weight = self._fetch(layer)
+            layer.streamed.staged = self._fetch(layer)
         self._prefetch_ahead()
 
     @torch.compiler.disable
@@ -376,7 +376,7 @@ class Offloader:
         # Also run by the next stage(): a recompute that torch.utils.checkpoint stops early (once it
         # has every tensor backward needs) never reaches the forward hook.
         for layer in self.staged:
-            layer.staged_weight = None
+            layer.streamed.staged = None
         self.staged = []
 
     def _fetch(self, layer: FrozenLinear) -> torch.Tensor:
@@ -562,7 +562,7 @@ def install(model: nn.Module, device, prefer: str = "aimdo", resident_bytes: int
         else:
             host.copy_(layer.weight.data)
         layer.weight.data = host          # the weight it replaces is freed here, one by one
-        layer.offloader = off
+        layer.streamed = Streamed(off)
         off.entries[id(layer)] = _Entry(name, host)
     if device.type == "cuda":
         off.arena.pin()

@@ -34,6 +34,7 @@ from . import fp8, memory, offload
 from .checkpoint import (CheckpointInfo, describe_checkpoint, describe_state_dict,
                          flux_from_state_dict, load_flux, stored_bytes)
 from .flux import Flux
+from .layers import enable_fp8_compute
 from .adapters import adapter_cost
 from .train import MEMORY_MODES
 
@@ -246,8 +247,8 @@ def apply_placement(model: Flux, plan: PlacementPlan, device, *,
         offloader = offload.install(model, device, prefer=plan.offload_backend,
                                     resident_bytes=plan.resident_bytes, sources=sources)
     if plan.fp8_compute:
-        fp8.enable_fp8_compute(model, device, keep_transposed=plan.fp8_keep_transposed,
-                               recipe=plan.fp8_recipe)
+        enable_fp8_compute(model, device, keep_transposed=plan.fp8_keep_transposed,
+                           recipe=plan.fp8_recipe)
     if plan.compile_blocks and device.type == "cuda":
         compile_blocks(model)
     return offloader

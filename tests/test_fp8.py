@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from fluxtrain import fp8
-from fluxtrain.layers import FrozenLinear
+from fluxtrain.layers import Fp8Compute, FrozenLinear, enable_fp8_compute, fp8_eligible
 
 
 def _rel(a, b):
@@ -65,16 +65,14 @@ def test_quantise_dequantise_matmul_is_within_fp8_tolerance_of_bf16():
 @pytest.mark.parametrize("scale", [None, 0.25])
 def test_fp8_layer_forward_and_input_grad_match_the_cast_path(scale, rowwise):
     layer = _fp8_layer(scale=scale)
-    layer.fp8_recipe = fp8.Fp8Recipe(rowwise=rowwise)
-    layer.fp8_grad_rowwise = rowwise
     g = torch.Generator().manual_seed(2)
     x = torch.randn(2, 7, 64, generator=g).bfloat16().requires_grad_()  # 14 rows: padded to 16
     y_ref = layer(x)
     (gy := torch.randn_like(y_ref)).requires_grad_(False)
     (dx_ref,) = torch.autograd.grad(y_ref, x, gy)
 
-    layer.fp8_compute = layer.fp8_backward = True
-    layer.fp8_weight_scale = fp8.weight_scale_f32(layer.weight, layer.weight_scale)
+    layer.fp8 = Fp8Compute(fp8.Fp8Recipe(rowwise=rowwise),
+                           fp8.weight_scale_f32(layer.weight, layer.weight_scale), True, rowwise)
     y = layer(x)
     (dx,) = torch.autograd.grad(y, x, gy)
     assert y.shape == y_ref.shape and y.dtype == torch.bfloat16
@@ -88,8 +86,8 @@ def test_fp8_layer_forward_and_input_grad_match_the_cast_path(scale, rowwise):
 def test_fp8_path_is_chosen_only_where_the_device_supports_it(monkeypatch):
     model = torch.nn.Sequential(_fp8_layer(), FrozenLinear(48, 32, dtype=torch.bfloat16))
     assert not fp8.supports_fp8_matmul("cpu")
-    assert fp8.enable_fp8_compute(model, "cpu") == 0
-    assert not model[0].fp8_compute
+    assert enable_fp8_compute(model, "cpu") == 0
+    assert model[0].fp8 is None
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.version, "hip", None, raising=False)
@@ -107,31 +105,31 @@ def test_enable_sets_only_float8_layers_and_the_setting_turns_it_off(monkeypatch
     monkeypatch.setattr(fp8, "supports_fp8_matmul", lambda d: True)
     model = torch.nn.Sequential(_fp8_layer(), FrozenLinear(48, 32, dtype=torch.bfloat16),
                                 _fp8_layer(n_out=10))  # 10 outputs: not 16-aligned
-    assert fp8.enable_fp8_compute(model, "cpu") == 1
-    assert [m.fp8_compute for m in model] == [True, False, False]
-    assert model[0].fp8_weight_scale.dtype == torch.float32
-    assert model[0].fp8_backward
-    assert fp8.enable_fp8_compute(model, "cpu", backward=False) == 1
-    assert model[0].fp8_compute and not model[0].fp8_backward
-    assert fp8.enable_fp8_compute(model, "cpu", enabled=False) == 0
-    assert not any(m.fp8_compute or m.fp8_backward for m in model)
+    assert enable_fp8_compute(model, "cpu") == 1
+    assert [m.fp8 is not None for m in model] == [True, False, False]
+    assert model[0].fp8.weight_scale.dtype == torch.float32
+    assert model[0].fp8.backward
+    assert enable_fp8_compute(model, "cpu", backward=False) == 1
+    assert model[0].fp8 is not None and not model[0].fp8.backward
+    assert enable_fp8_compute(model, "cpu", enabled=False) == 0
+    assert all(m.fp8 is None for m in model)
 
 
 def test_kept_transposed_weight_gives_the_same_input_gradient(monkeypatch):
     monkeypatch.setattr(fp8, "supports_fp8_matmul", lambda d: True)
     layer = _fp8_layer(scale=0.5)
     x = torch.randn(16, 64, generator=torch.Generator().manual_seed(4)).bfloat16().requires_grad_()
-    fp8.enable_fp8_compute(layer, "cpu")
-    assert layer.fp8_weight_t is None
+    enable_fp8_compute(layer, "cpu")
+    assert layer.fp8.weight_t is None
     (dx_transposing,) = torch.autograd.grad(layer(x).sum(), x)
 
-    fp8.enable_fp8_compute(layer, "cpu", keep_transposed=True)
-    kept = layer.fp8_weight_t
+    enable_fp8_compute(layer, "cpu", keep_transposed=True)
+    kept = layer.fp8.weight_t
     assert kept.stride() == (1, 48) and torch.equal(kept.float(), layer.weight.float())
     (dx_kept,) = torch.autograd.grad(layer(x).sum(), x)
     assert torch.equal(dx_kept, dx_transposing)
-    fp8.enable_fp8_compute(layer, "cpu", enabled=False)
-    assert layer.fp8_weight_t is None
+    enable_fp8_compute(layer, "cpu", enabled=False)
+    assert layer.fp8 is None
 
 
 def test_per_row_scales_keep_quiet_rows_precise_beside_a_loud_one():
@@ -175,7 +173,7 @@ def test_fast_accumulation_is_a_forward_setting_only(monkeypatch):
     x = torch.randn(16, 64, generator=torch.Generator().manual_seed(7)).bfloat16().requires_grad_()
     for fast in (True, False):
         seen.clear()
-        fp8.enable_fp8_compute(layer, "cpu", recipe=fp8.Fp8Recipe(fast_accum=fast))
+        enable_fp8_compute(layer, "cpu", recipe=fp8.Fp8Recipe(fast_accum=fast))
         layer(x).sum().backward()
         assert seen == [fast, False]      # forward as set, input-gradient always exact
 
@@ -194,29 +192,29 @@ def test_default_recipe_computes_only_the_blocks_token_wise_linears_in_float8(mo
     assert token and not any("mod" in n for n in token)
     assert {n.rsplit(".", 1)[-1] for n in token} == {"qkv", "proj", "0", "2", "linear1", "linear2"}
 
-    n = fp8.enable_fp8_compute(model, "cpu")
-    on = {names[id(m)] for m in model.modules() if isinstance(m, FrozenLinear) and m.fp8_compute}
+    n = enable_fp8_compute(model, "cpu")
+    on = {names[id(m)] for m in model.modules() if isinstance(m, FrozenLinear) and m.fp8 is not None}
     assert on == token and n == len(token)
 
-    every = fp8.enable_fp8_compute(model, "cpu", recipe=fp8.Fp8Recipe(all_layers=True))
+    every = enable_fp8_compute(model, "cpu", recipe=fp8.Fp8Recipe(all_layers=True))
     frozen = [m for m in model.modules() if isinstance(m, FrozenLinear)]
-    assert every == sum(fp8.fp8_eligible(m) for m in frozen) > n
+    assert every == sum(fp8_eligible(m) for m in frozen) > n
     assert {"img_in", "final_layer.linear", "double_blocks.0.img_mod.lin"} <= {
-        names[id(m)] for m in frozen if m.fp8_compute}
+        names[id(m)] for m in frozen if m.fp8 is not None}
 
     # an explicit layer list overrides the recipe's choice (the benchmark's "only=CLASS")
-    assert fp8.enable_fp8_compute(model, "cpu", layers=[model.img_in]) == 1 and model.img_in.fp8_compute
+    assert enable_fp8_compute(model, "cpu", layers=[model.img_in]) == 1 and model.img_in.fp8 is not None
 
 
 def test_without_per_row_kernels_the_recipe_falls_back_to_per_tensor(monkeypatch):
     monkeypatch.setattr(fp8, "supports_fp8_matmul", lambda d: True)
     monkeypatch.setattr(fp8, "_ROWWISE", {("cpu", fp8.E4M3): False, ("cpu", fp8.E5M2): False})
     layer = _fp8_layer()
-    fp8.enable_fp8_compute(layer, "cpu")
-    assert not layer.fp8_recipe.rowwise and not layer.fp8_grad_rowwise
+    enable_fp8_compute(layer, "cpu")
+    assert not layer.fp8.recipe.rowwise and not layer.fp8.grad_rowwise
     monkeypatch.setattr(fp8, "_ROWWISE", {("cpu", fp8.E4M3): True, ("cpu", fp8.E5M2): False})
-    fp8.enable_fp8_compute(layer, "cpu")
-    assert layer.fp8_recipe.rowwise and not layer.fp8_grad_rowwise
+    enable_fp8_compute(layer, "cpu")
+    assert layer.fp8.recipe.rowwise and not layer.fp8.grad_rowwise
     x = torch.randn(16, 64, generator=torch.Generator().manual_seed(8)).bfloat16().requires_grad_()
     layer(x).sum().backward()       # per-row forward, per-tensor input-gradient
     assert torch.isfinite(x.grad).all()

@@ -18,6 +18,7 @@ from fluxtrain import graphs
 from fluxtrain import train as train_module
 from fluxtrain.dataset import collate
 from fluxtrain.flux import Flux
+from fluxtrain.layers import Streamed
 from fluxtrain.lora import attach_lora
 from fluxtrain.params import TINY
 from fluxtrain.train import MicroStep, TrainConfig, train
@@ -233,7 +234,7 @@ def test_graphs_are_refused_with_the_reason():
     model = Flux(TINY)
     assert "CUDA device" in graphs.graph_unavailable_reason(model, torch.device("cpu"), 0.0)
     assert "dropout" in graphs.graph_unavailable_reason(model, torch.device("cuda"), 0.1)
-    model.img_in.offloader = object()
+    model.img_in.streamed = Streamed(object())
     assert "offloaded" in graphs.graph_unavailable_reason(model, torch.device("cuda"), 0.0)
 
 

@@ -18,7 +18,7 @@ import torch
 from fluxtrain import offload
 from fluxtrain.checkpoint import load_flux, read_into, stored_bytes
 from fluxtrain.flux import Flux, pack_latents, text_ids
-from fluxtrain.layers import FrozenLinear
+from fluxtrain.layers import FrozenLinear, enable_fp8_compute
 from fluxtrain.lora import LoRAConfig, attach_lora
 from fluxtrain.params import TINY
 from fluxtrain.synthetic import write_bfl
@@ -122,7 +122,7 @@ def test_offloaded_float8_compute_matches_resident_float8_compute(model_and_inpu
     """Float8 matmuls on staged weights (forward, recompute, input-gradient from the
     saved staged copy) compute what they compute on resident weights."""
     from fluxtrain import fp8
-    from fluxtrain.layers import FrozenLinear
+    from fluxtrain.layers import FrozenLinear, enable_fp8_compute
     monkeypatch.setattr(fp8, "supports_fp8_matmul", lambda d: True)
     model, inputs = model_and_inputs
     with torch.no_grad():
@@ -131,10 +131,10 @@ def test_offloaded_float8_compute_matches_resident_float8_compute(model_and_inpu
                 m.weight.data = m.weight.data.to(torch.float8_e4m3fn)
     resident = copy.deepcopy(model)
     resident.set_recompute(0, 0)
-    assert fp8.enable_fp8_compute(resident, "cpu") > 0
+    assert enable_fp8_compute(resident, "cpu") > 0
     ref_out, ref_grads = out_and_grads(resident, inputs)
     offload.install(model, "cpu")
-    assert fp8.enable_fp8_compute(model, "cpu") == fp8.enable_fp8_compute(resident, "cpu")
+    assert enable_fp8_compute(model, "cpu") == enable_fp8_compute(resident, "cpu")
     out, grads = out_and_grads(model, inputs)
     assert torch.equal(out, ref_out)
     assert grads.keys() == ref_grads.keys() and len(grads) > 0
@@ -434,7 +434,7 @@ def test_resident_blocks_stay_in_vram_unhooked_and_the_others_stream(model_and_i
     assert len(off.kept_blocks) == 2 and off.kept_bytes == sum(sizes[i] for i in off.kept_blocks)
     kept_layers = {id(m) for i in off.kept_blocks for m in blocks[i].modules()}
     assert not kept_layers & set(off.entries), "a resident block's weights were offloaded"
-    assert all(m.offloader is None for i in off.kept_blocks for m in blocks[i].modules()
+    assert all(m.streamed is None for i in off.kept_blocks for m in blocks[i].modules()
                if isinstance(m, FrozenLinear))
     stats = off.stats()
     assert stats["resident_blocks"] == 2 and stats["streamed_blocks"] == len(blocks) - 2
