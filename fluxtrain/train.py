@@ -114,12 +114,13 @@ class TrainConfig:
                 raise ValueError(f"{f.name} {value!r} is not one of {', '.join(meta['choices'])}")
             if "min" in meta and not meta["min"] <= value <= meta["max"]:
                 raise ValueError(f"{f.name} must be between {meta['min']} and {meta['max']}, got {value}")
-        if self.lokr_factor == 0:
-            raise ValueError("lokr_factor 0 splits nothing: use -1 (as evenly as possible) or a factor >= 1")
-        self.lora_config()      # a targets value that names no layer set fails here, not later
+        # The field limits above are the ranges a user may set; what the adapter's arithmetic
+        # accepts (a targets value naming a layer set, a LoKr factor that splits) is checked
+        # by its own config, built here so that a bad setting fails now, not after loading.
+        self.adapter_config()
 
     def lora_config(self) -> LoRAConfig:
-        return LoRAConfig(rank=self.rank, alpha=self.alpha, dropout=self.dropout, targets=self.targets)
+        return self.adapter_config().lora_config()
 
     def adapter_config(self) -> AdapterConfig:
         return AdapterConfig(rank=self.rank, alpha=self.alpha, dropout=self.dropout, targets=self.targets,
